@@ -6,6 +6,8 @@
   bias fused in the epilogue, bf16 out).
 - int_mm: Int8 W8A8 via torch._int_mm (int32 accumulate), scales and bias applied after.
 - fp8_weight_only: SM80 path; the fp8 weight is dequantized and the matmul runs in bf16.
+- triton: fused one-pass per-token activation quantization (Triton) + FP8 torch._scaled_mm or our
+  Triton Int8 GEMM with scales and bias in the epilogue; torch custom ops (see triton_ops.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.quantization import numerics as nx
+from diffquant.quantization.kernels.triton_ops import triton_linear
 
 
 @dataclass(frozen=True)
@@ -125,4 +128,5 @@ BACKENDS = {
     "scaled_mm": scaled_mm_linear,
     "int_mm": int_mm_linear,
     "fp8_weight_only": fp8_weight_only_linear,
+    "triton": triton_linear,
 }

@@ -1,0 +1,130 @@
+"""Triton W8A8 GEMM with the dequantization in the epilogue.
+
+out[M, N] = (xq[M, K] @ wq[N, K]^T) * x_scale[M, 1] * w_scale[1, N] + bias[N], in bf16 (or the
+requested float dtype). Int8 operands accumulate exactly in int32 (wgmma s8 on Hopper), FP8
+E4M3FN operands in float32. Both operands are K-major ([M, K] and [N, K] row-major), the layout
+Hopper's 8-bit wgmma wants, so the weight is used as stored. Any M works (M=1 for FLUX's
+modulation linears): small M gets narrow tiles, the rest is masked.
+
+This module imports triton at import time; only `triton_ops` imports it, lazily, on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# Large M: Hopper-sized tiles (shared memory per stage = (BM + BN) * BK bytes).
+_LARGE_M_CONFIGS = [
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(256, 128, 128, 8, 3),
+    _cfg(128, 128, 128, 8, 4),
+    _cfg(128, 256, 64, 8, 4),
+]
+# Small M (decode-like / modulation rows): weight-bandwidth bound; narrow M tiles, more N programs.
+_SMALL_M_CONFIGS = [
+    _cfg(16, 64, 256, 4, 4, 1),
+    _cfg(16, 128, 128, 4, 4, 1),
+    _cfg(32, 64, 256, 4, 4, 1),
+    _cfg(64, 128, 128, 4, 4, 1),
+]
+_SMALL_M = 64
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key: the power of two at or above M, so nearby token counts share a tuning."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+@triton.jit
+def _w8a8_mm_kernel(
+    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
+    M, N, K, stride_am, stride_bn, stride_cm, M_BUCKET,
+    HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """a: [M, K] 8-bit, b: [N, K] 8-bit (both unit stride along K), sa: [M] f32, sb: [N] f32,
+    bias: [N], c: [M, N] float."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles sweep the N tiles together so B tiles stay in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/cols read a valid row (wrapped) and are masked at the store.
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [BM, BK]
+    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]  # [BK, BN]
+
+    # int8 x int8 sums exactly in int32; fp8 x fp8 accumulates in float32.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT8 else tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
+    sb = tl.load(sb_ptr + offs_n, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_KEY = ["M_BUCKET", "N", "K", "IS_INT8"]
+_mm_large = triton.autotune(configs=_LARGE_M_CONFIGS, key=_KEY)(_w8a8_mm_kernel)
+_mm_small = triton.autotune(configs=_SMALL_M_CONFIGS, key=_KEY)(_w8a8_mm_kernel)
+
+
+def w8a8_scaled_mm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """xq: [M, K] int8|fp8, x_scale: [M, 1] f32, wq: [N, K] same dtype, w_scale: [N, 1] or [] f32,
+    bias: [N] or None -> [M, N] out_dtype."""
+    if xq.stride(-1) != 1:
+        xq = xq.contiguous()
+    m, k = xq.shape
+    n = wq.shape[0]
+    out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    if m == 0:
+        return out
+    sa = x_scale.reshape(-1).float().expand(m).contiguous() if x_scale.numel() == 1 else x_scale.reshape(m)
+    sb = w_scale.reshape(-1).float().expand(n).contiguous() if w_scale.numel() == 1 else w_scale.reshape(n)
+    kernel = _mm_small if m <= _SMALL_M else _mm_large
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        xq, wq, out, sa, sb, bias if bias is not None else sb,
+        m, n, k, xq.stride(0), wq.stride(0), out.stride(0), _m_bucket(m),
+        HAS_BIAS=bias is not None, IS_INT8=xq.dtype == torch.int8,
+    )
+    return out

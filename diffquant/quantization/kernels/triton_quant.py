@@ -1,0 +1,121 @@
+"""Triton kernels: one-pass dynamic per-token activation quantization (FP8 E4M3FN and Int8).
+
+Each program loads whole rows once, takes the row's amax, computes the scale and writes the
+quantized row and its scale: one read of x, one write of q, instead of the 3-4 passes of the
+eager reference. The numerics are `numerics.fp8_quantize_per_row` / `numerics.int8_quantize_per_row`
+bit for bit (the tests compare with rtol=0, atol=0):
+
+- scale = amax / qmax with an IEEE round-to-nearest division (`tl.div_rn`; Triton's plain `/` on
+  float32 is the approximate `div.full` and can differ in the last bit), 1.0 for an all-zero row;
+- q = x / scale, again `div_rn`, clamped to +-qmax before the cast (torch's fp8 cast does not
+  saturate), then cast to E4M3FN with round-to-nearest-even, or rounded half-to-even (`rint`,
+  PTX cvt.rni) to int8.
+
+This module imports triton at import time; only `triton_ops` imports it, lazily, on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+_MAX_ROW_BLOCK = 16384  # rows up to this many elements stay in registers (one read of x)
+# Triton's CPU interpreter (TRITON_INTERPRET=1, for debugging without a GPU) has no libdevice.rint;
+# there, round half to even by adding and subtracting 1.5 * 2^23 (exact for |y| <= 127).
+_RINT = os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+@triton.jit
+def _round_half_even(y, RINT: tl.constexpr):
+    if RINT:  # noqa: SIM108 (constexpr branch, resolved at compile time)
+        r = libdevice.rint(y)  # PTX cvt.rni: round half to even, like torch.round
+    else:
+        r = (y + 12582912.0) - 12582912.0
+    return r
+
+
+@triton.jit
+def _quant_rows_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+    QMAX: tl.constexpr, IS_INT8: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, RINT: tl.constexpr,
+):
+    """ROWS whole rows per program. x: [M, K] (unit stride along K) -> q: [M, K], s: [M]."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols[None, :] < K)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)  # [ROWS]; max is exact in any order
+    qmax = tl.full(amax.shape, QMAX, tl.float32)
+    # All-zero row -> scale 1: 0 / 1 encodes exactly and nothing divides by zero.
+    scale = tl.where(amax > 0.0, tl.div_rn(amax, qmax), 1.0)
+    y = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if IS_INT8:  # noqa: SIM108
+        q = _round_half_even(y, RINT).to(tl.int8)  # round half to even, like torch.round
+    else:
+        q = y.to(tl.float8e4nv)  # round to nearest even
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows, scale, mask=row_ok)
+
+
+@triton.jit
+def _quant_long_rows_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+    QMAX: tl.constexpr, IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, RINT: tl.constexpr,
+):
+    """Rows longer than _MAX_ROW_BLOCK: one row per program, amax pass then cast pass (the
+    second read mostly hits L2)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_xm + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x))
+    amax = tl.max(acc, axis=0)
+    scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+    for k0 in tl.range(0, K, BLOCK_K):
+        m = k0 + cols < K
+        x = tl.load(x_ptr + row * stride_xm + k0 + cols, mask=m, other=0.0).to(tl.float32)
+        y = tl.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * scale)
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        if IS_INT8:  # noqa: SIM108
+            q = _round_half_even(y, RINT).to(tl.int8)
+        else:
+            q = y.to(tl.float8e4nv)
+        tl.store(q_ptr + row * stride_qm + k0 + cols, q, mask=m)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] float (CUDA) -> (q: [M, K] float8_e4m3fn | int8, scale: [M, 1] float32)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    is_int8 = fmt == "int8"
+    q = torch.empty((m, k), device=x.device, dtype=torch.int8 if is_int8 else torch.float8_e4m3fn)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return q, scale
+    qmax = INT8_MAX if is_int8 else FP8_MAX
+    block = triton.next_power_of_2(max(k, 1))
+    if block <= _MAX_ROW_BLOCK:
+        rows = max(1, min(16, 2048 // block))  # short rows: several per program
+        warps = max(1, min(16, rows * block // 512))
+        _quant_rows_kernel[(triton.cdiv(m, rows),)](
+            x, q, scale, m, k, x.stride(0), q.stride(0),
+            QMAX=qmax, IS_INT8=is_int8, ROWS=rows, BLOCK_K=block, RINT=_RINT, num_warps=warps,
+        )
+    else:
+        _quant_long_rows_kernel[(m,)](
+            x, q, scale, m, k, x.stride(0), q.stride(0),
+            QMAX=qmax, IS_INT8=is_int8, BLOCK_K=4096, RINT=_RINT, num_warps=8,
+        )
+    return q, scale

@@ -1,0 +1,240 @@
+"""The `triton` backend: fused activation quantization kernels, the W8A8 GEMM, custom ops, compile.
+
+Budgets (STYLE.md 5):
+- quantize kernels: bit-exact (rtol=0, atol=0) against numerics.fp8_quantize_per_row /
+  numerics.int8_quantize_per_row, quantized values and scales;
+- GEMM: max|out - ref64| <= 2 * max|F.linear_bf16 - ref64| + atol, where ref64 multiplies the
+  dequantized operands in float64 and F.linear_bf16 is PyTorch's bf16 GEMM of the same operands;
+- torch.compile: the compiled model matches eager within the same GEMM budget (CPU: aot_eager).
+GPU tests are marked `gpu` and skip without CUDA (conftest.require_cuda says why).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import require_cuda
+
+from diffquant.quantization import QuantLinear, quantize_
+from diffquant.quantization import numerics as nx
+from diffquant.quantization.kernels import triton_ops
+
+ATOL_BF16 = 1e-2
+REF = {"fp8": nx.fp8_quantize_per_row, "int8": nx.int8_quantize_per_row}
+
+
+def _rows(m: int, k: int, rng: torch.Generator, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """[M, K] with row magnitudes spread over 1e-3..1e3, an all-zero row, a row of exact int8 ties
+    (amax 127 -> scale 1, values k + 0.5) and a row with one huge outlier."""
+    mag = 10 ** (torch.rand(m, 1, generator=rng) * 6 - 3)
+    x = torch.randn(m, k, generator=rng) * mag
+    if m > 2:
+        x[1] = 0
+        x[2] = (torch.randint(-126, 126, (k,), generator=rng) + 0.5).float()
+        x[2, 0] = 127.0
+    if m > 3:
+        x[3, k // 2] = 3e4
+    return x.to(dtype).to(device)
+
+
+def _bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.int8)
+
+
+def _check_bit_exact(x: torch.Tensor, fmt: str, q: torch.Tensor, s: torch.Tensor) -> None:
+    qr, sr = REF[fmt](x)
+    assert q.dtype == qr.dtype and q.shape == qr.shape and s.shape == sr.shape == (x.shape[0], 1)
+    mism = int((_bits(q) != _bits(qr)).sum())
+    assert mism == 0, f"{mism} quantized values differ from the reference"
+    torch.testing.assert_close(s, sr, rtol=0, atol=0)
+
+
+def _ref64(xq, xs, wq, ws, bias) -> torch.Tensor:
+    out = (xq.double() * xs.double()) @ (wq.double() * ws.double().reshape(-1, 1)).t()
+    return out + bias.double() if bias is not None else out
+
+
+def _check_budget(out, xq, xs, wq, ws, bias) -> None:
+    """out vs the float64 product of the dequantized operands, budget from bf16 F.linear."""
+    ref = _ref64(xq, xs, wq, ws, bias)
+    x_deq = (xq.float() * xs).to(torch.bfloat16)
+    w_deq = (wq.float() * ws.reshape(-1, 1)).to(torch.bfloat16)
+    lowp = F.linear(x_deq, w_deq, bias.to(torch.bfloat16) if bias is not None else None)
+    budget = 2 * (lowp.double() - ref).abs().max().item() + ATOL_BF16
+    err = (out.double() - ref).abs().max().item()
+    assert torch.isfinite(out).all()
+    assert err <= budget, f"max err {err:.4g} > budget {budget:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: import hygiene, custom ops (reference path), torch.compile tracing
+
+
+def test_import_does_not_touch_triton_or_cuda():
+    code = ("import sys, torch, diffquant; from diffquant.quantization.kernels import BACKENDS; "
+            "assert 'triton' in BACKENDS; assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_quantize_op_cpu_is_the_reference(fmt, rng):
+    x = _rows(9, 80, rng, torch.bfloat16, "cpu")
+    q, s = torch.ops.diffquant.quantize_per_token(x, fmt)
+    _check_bit_exact(x, fmt, q, s)
+
+
+def test_custom_ops_pass_opcheck(rng):
+    x = torch.randn(5, 32, generator=rng).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.diffquant.quantize_per_token.default, (x, "int8"))
+    torch.library.opcheck(torch.ops.diffquant.quantize_per_token.default, (x, "fp8"))
+    xq, xs = nx.int8_quantize_per_row(x)
+    wq, ws = nx.int8_quantize_per_row(torch.randn(24, 32, generator=rng))
+    bias = torch.randn(24, generator=rng).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.diffquant.w8a8_scaled_mm.default, (xq, xs, wq, ws, bias, torch.bfloat16))
+    torch.library.opcheck(torch.ops.diffquant.w8a8_scaled_mm.default, (xq, xs, wq, ws, None, torch.float32))
+
+
+def test_quantize_op_rejects_unknown_format():
+    with pytest.raises(ValueError, match="fmt must be 'fp8' or 'int8'"):
+        triton_ops.quantize_per_token_impl(torch.ones(2, 4), "int4")
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_forcing_triton_on_cpu_is_an_error(method):
+    lin = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    with pytest.raises(ValueError, match="backend 'triton' cannot run layer 0: needs a CUDA device"):
+        quantize_(lin, {"method": method, "backend": "triton"})
+
+
+class _Block(torch.nn.Module):
+    """A tiny DiT-like block: M=1 modulation linear, then an MLP on tokens."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.mod = torch.nn.Linear(dim, 2 * dim)
+        self.fc1 = torch.nn.Linear(dim, 4 * dim)
+        self.fc2 = torch.nn.Linear(4 * dim, dim)
+
+    def forward(self, x, t):  # x: [B, S, D], t: [B, D]
+        shift, scale = self.mod(t).unsqueeze(1).chunk(2, dim=-1)  # [B, 1, D] each
+        h = F.layer_norm(x, x.shape[-1:]) * (1 + scale) + shift
+        return x + self.fc2(F.gelu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_compile_fullgraph_traces_quantized_model_cpu(method, rng):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    model = _Block().to(torch.bfloat16)
+    quantize_(model, method)
+    x = torch.randn(2, 7, 64, generator=rng).to(torch.bfloat16)
+    t = torch.randn(2, 64, generator=rng).to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, t), model(x, t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_compile_fullgraph_traces_triton_custom_ops_cpu(method, rng):
+    """The triton backend's op path (custom ops, CPU reference impls) traces without graph breaks."""
+    model = _Block().to(torch.bfloat16)
+    quantize_(model, method)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+    class TritonPath(torch.nn.Module):
+        def forward(self, x):  # x: [M, K]
+            return triton_ops.triton_linear(layers[1], x)
+
+    x = torch.randn(13, 64, generator=rng).to(torch.bfloat16)
+    torch._dynamo.reset()
+    out = torch.compile(TritonPath(), fullgraph=True, backend="aot_eager")(x)
+    ref = triton_ops.triton_linear(layers[1], x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    lay = layers[1]
+    xq, xs = REF[method](x)
+    _check_budget(out, xq, xs, lay.qweight, lay.weight_scale, lay.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: Triton kernels against the numerics, the GEMM budget, backend choice, compile
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("m", [1, 7, 113, 4224])
+@pytest.mark.parametrize("k", [64, 113, 3072, 15360, 20000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_kernel_bit_exact(fmt, m, k, dtype, rng):
+    require_cuda((8, 9) if fmt == "fp8" else (8, 0))
+    from diffquant.quantization.kernels import triton_quant
+
+    x = _rows(m, k, rng, dtype, "cuda")
+    q, s = triton_quant.quantize_per_token(x, fmt)
+    _check_bit_exact(x, fmt, q, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_quantize_kernel_strided_rows(fmt, rng):
+    require_cuda((8, 9) if fmt == "fp8" else (8, 0))
+    from diffquant.quantization.kernels import triton_quant
+
+    x = _rows(64, 512, rng, torch.bfloat16, "cuda")[:, 128:384]  # row stride 512, unit column stride
+    q, s = triton_quant.quantize_per_token(x, fmt)
+    _check_bit_exact(x, fmt, q, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m", [1, 7, 113, 4224])
+@pytest.mark.parametrize("k,n", [(3072, 3072), (160, 272), (3072, 12288)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_w8a8_gemm_within_budget(fmt, m, k, n, bias, rng):
+    require_cuda((8, 9) if fmt == "fp8" else (8, 0))
+    from diffquant.quantization.kernels import triton_gemm
+
+    x = (torch.randn(m, k, generator=rng) * 3).to(torch.bfloat16).cuda()
+    w = (torch.randn(n, k, generator=rng) / k**0.5).cuda()
+    b = torch.randn(n, generator=rng).to(torch.bfloat16).cuda() if bias else None
+    xq, xs = REF[fmt](x)
+    wq, ws = REF[fmt](w)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b, torch.bfloat16)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    _check_budget(out, xq, xs, wq, ws, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+@pytest.mark.parametrize("m", [1, 113, 4224])
+def test_quant_linear_triton_backend(method, m, rng):
+    require_cuda((8, 9) if method == "fp8" else (8, 0))
+    lin = torch.nn.Linear(3072, 1536).to(torch.bfloat16).cuda()
+    wrapper = torch.nn.Sequential(lin)
+    report = quantize_(wrapper, method)
+    layer = wrapper[0]
+    assert layer.backend == "triton", report
+    x = (torch.randn(m, 3072, generator=rng) * 2).to(torch.bfloat16).cuda()
+    out = layer(x)
+    xq, xs = REF[method](x)
+    _check_budget(out, xq, xs, layer.qweight, layer.weight_scale, layer.bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_compile_fullgraph_gpu_matches_eager(method, rng):
+    require_cuda((8, 9) if method == "fp8" else (8, 0))
+    model = _Block(256).to(torch.bfloat16).cuda()
+    quantize_(model, {"method": method, "backend": "triton"})
+    x = torch.randn(2, 300, 256, generator=rng).to(torch.bfloat16).cuda()
+    t = torch.randn(2, 256, generator=rng).to(torch.bfloat16).cuda()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out, ref = compiled(x, t), model(x, t)
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= 0.05 * ref.float().abs().max().item(), err
