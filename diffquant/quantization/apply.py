@@ -53,12 +53,16 @@ def quantize_(
     config,
     *,
     keep_high_precision: Iterable[str] = (),
+    device: torch.device | str | None = None,
 ) -> QuantizeReport:
     """Quantize `module`'s nn.Linear layers in place, one layer at a time on its own device.
 
     config: anything `build_quant_config` accepts for a single method. keep_high_precision:
     patterns (architecture profiles feed them) for layers that stay high precision by default;
-    unlike ignored_layers, a keep pattern that matches nothing is not an error.
+    unlike ignored_layers, a keep pattern that matches nothing is not an error. device: if given,
+    each linear layer is moved there right before it is quantized and its float weight is dropped
+    right after, so the module's full float copy never sits on that device (load-time streaming);
+    the caller moves the remaining (non-linear) parameters.
     Raises ValueError if an ignored_layers pattern matches no layer, or nothing gets quantized.
     """
     cfg = build_quant_config(config)
@@ -73,14 +77,16 @@ def quantize_(
     keep = LayerMatcher(keep_high_precision)
     report = QuantizeReport(method=cfg.method)
     for name, linear in layers:
-        report.layers.append(_quantize_one(module, cfg, name, linear, ignored, keep))
+        report.layers.append(_quantize_one(module, cfg, name, linear, ignored, keep, device))
     if not report.quantized:
         raise ValueError(f"{cfg.method}: every linear layer of {type(module).__name__} was excluded "
                          f"({len(report.kept)} kept); nothing was quantized")
     return report
 
 
-def _quantize_one(root, cfg, name, linear, ignored: LayerMatcher, keep: LayerMatcher) -> LayerReport:
+def _quantize_one(root, cfg, name, linear, ignored: LayerMatcher, keep: LayerMatcher, device=None) -> LayerReport:
+    if device is not None:
+        linear.to(device)
     before = _tensor_bytes(linear.weight, linear.bias)
     shape = (linear.out_features, linear.in_features)
     hit = ignored.match(name)
@@ -92,6 +98,8 @@ def _quantize_one(root, cfg, name, linear, ignored: LayerMatcher, keep: LayerMat
     q = QuantLinear.from_linear(linear, _scheme(cfg, name, linear), backend=cfg.backend,
                                 input_scale=_static_scale(cfg, name))
     _set_submodule(root, name, q)
+    if device is not None:
+        linear.to("meta")  # the caller's layer list still references it: free its float weight now
     backend, why = q.backend_for(q.qweight.device)
     after = _tensor_bytes(q.qweight, q.weight_scale, q.input_scale, q.bias)
     return LayerReport(name, "quantized", why, backend, shape, before, after)

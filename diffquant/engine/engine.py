@@ -1,0 +1,196 @@
+"""Engine: load a diffusers pipeline folder, quantize it per component, generate images or videos."""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffquant.engine.loading import (
+    PipelineInfo,
+    load_pipeline,
+    plan_quantization,
+    prepare_components,
+    read_pipeline_info,
+    resolve_quant_spec,
+)
+from diffquant.quantization.report import QuantizeReport
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings; None takes the architecture profile's (or pipeline's) default."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    seed: int | None = None
+    negative_prompt: str | list[str] | None = None
+    num_outputs_per_prompt: int = 1
+
+
+@dataclass
+class GenerationOutput:
+    """images: one PIL image per output (image pipelines); frames: one list of PIL frames per video."""
+
+    images: list[Any]
+    frames: list[list[Any]] | None
+    seed: int
+    timings: dict[str, float]
+    peak_memory_bytes: int | None
+    peak_memory_kind: str
+    quantization: dict[str, QuantizeReport] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Save images (path, or path-1.png, path-2.png ... for several) or videos (animated GIF/WebP,
+        or one PNG per frame, path-0000.png ..., for other suffixes)."""
+        from diffquant.engine.output import save_output
+
+        return save_output(self, Path(path))
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_PARAM_TO_KWARG = {"num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale",
+                   "true_cfg_scale": "true_cfg_scale", "height": "height", "width": "width",
+                   "num_frames": "num_frames", "negative_prompt": "negative_prompt"}
+
+
+class Engine:
+    """A quantized diffusers pipeline.
+
+    model: a local diffusers pipeline folder (model_index.json). quantization: a method name
+    ("fp8", "int8", ...) applied to the diffusion transformer(s). quantization_config: anything
+    `build_quant_config` accepts, including per-component dicts
+    ({"transformer": {...}, "text_encoder": "fp8", "vae": None, "default": ...}).
+    """
+
+    def __init__(self, model: str | Path | None = None, quantization: str | None = None,
+                 quantization_config: Any = None, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device | None = None, compile: bool = False,
+                 cache_backend: str | None = None, cache_config: dict | None = None):
+        if cache_backend is not None or cache_config is not None:
+            raise NotImplementedError("cache_backend / cache_config (TeaCache, first-block cache) are planned; "
+                                      "not implemented yet")
+        self.info: PipelineInfo = read_pipeline_info(model)
+        self.profile = self.info.profile
+        self.quant_config = resolve_quant_spec(quantization, quantization_config)
+        self.plan = plan_quantization(self.quant_config, self.info)
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype
+        self.timings: dict[str, float] = {}
+        start = time.perf_counter()
+        self.pipe = load_pipeline(self.info, dtype)
+        self.timings["load_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.reports = prepare_components(self.pipe, self.plan, self.info, self.device)
+        self._sync()
+        self.timings["quantize_s"] = time.perf_counter() - start
+        self.pipe.set_progress_bar_config(disable=True)
+        if compile:
+            for name in self.info.transformers:
+                getattr(self.pipe, name).compile()
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str], params: SamplingParams | None = None,
+                 progress: bool = False, **pipeline_kwargs: Any) -> GenerationOutput:
+        """Run the pipeline. Extra keyword arguments go to the diffusers pipeline call as they are."""
+        params = params or SamplingParams()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a non-empty string or a list of strings")
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        kwargs = self._call_kwargs(params, seed)
+        kwargs.update(pipeline_kwargs)
+        from diffquant.engine.progress import StepTimer
+
+        timer = StepTimer(self.pipe, self.info.transformers, kwargs.get("num_inference_steps"), progress)
+        self._reset_peak()
+        with torch.inference_mode(), timer:
+            result = self.pipe(prompts, **timer.kwargs(self._accepts), **kwargs)
+            self._sync()
+        return self._output(result, seed, prompts, timer.timings())
+
+    def _call_kwargs(self, params: SamplingParams, seed: int) -> dict[str, Any]:
+        defaults = self.profile.defaults
+        kwargs: dict[str, Any] = {}
+        for pname, kwarg in _PARAM_TO_KWARG.items():
+            value = getattr(params, pname)
+            if value is None:
+                value = getattr(defaults, pname, None)
+                if value is None or not self._accepts(kwarg):
+                    continue
+            elif not self._accepts(kwarg):
+                raise ValueError(f"{pname} is not a parameter of {type(self.pipe).__name__}")
+            kwargs[kwarg] = value
+        per_prompt = "num_videos_per_prompt" if self._accepts("num_videos_per_prompt") else "num_images_per_prompt"
+        if self._accepts(per_prompt):
+            kwargs[per_prompt] = params.num_outputs_per_prompt
+        elif params.num_outputs_per_prompt != 1:
+            raise ValueError(f"{type(self.pipe).__name__} does not take num_outputs_per_prompt")
+        kwargs["generator"] = torch.Generator().manual_seed(seed)  # CPU generator: same noise on any device
+        if self._accepts("output_type"):
+            kwargs["output_type"] = "pil"
+        return kwargs
+
+    def _accepts(self, name: str) -> bool:
+        if not hasattr(self, "_call_params"):
+            self._call_params = set(inspect.signature(type(self.pipe).__call__).parameters)
+        return name in self._call_params
+
+    def _output(self, result, seed: int, prompts: list[str], timings: dict[str, float]) -> GenerationOutput:
+        frames = getattr(result, "frames", None)
+        images = [] if frames is not None else list(getattr(result, "images", []) or [])
+        if frames is not None:
+            frames = [list(video) for video in frames]
+        peak, kind = self._peak()
+        return GenerationOutput(images=images, frames=frames, seed=seed, timings={**self.timings, **timings},
+                                peak_memory_bytes=peak, peak_memory_kind=kind, quantization=dict(self.reports),
+                                prompts=prompts)
+
+    # ---- device helpers ---------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak(self) -> tuple[int | None, str]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device), "cuda max_memory_allocated"
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (CPU)"
+        except ImportError:  # Windows
+            return None, "unavailable"
+
+    # ---- reporting --------------------------------------------------------------------------
+    def summary(self) -> str:
+        """One line: profile, per-component method and layer counts, weight bytes before -> after."""
+        from diffquant.engine.output import quantization_summary
+
+        return f"{self.profile.display_name}: {quantization_summary(self.reports)}"
+
+    def __repr__(self) -> str:
+        return f"Engine({str(self.info.folder)!r}, profile={self.profile.name}, {self.summary()})"
+
+
+def sampling_fields() -> list[str]:
+    return [f.name for f in fields(SamplingParams)]
+
+
+__all__ = ["Engine", "GenerationOutput", "SamplingParams"]
