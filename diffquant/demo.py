@@ -6,12 +6,9 @@ import copy
 
 import torch
 
+from diffquant.engine.models import FLUX1_KEEP as FLUX_KEEP  # modulation, embedders, output head
 from diffquant.quantization import quantize_
 from diffquant.quantization.metrics import sqnr_db
-
-# Layers a FLUX profile keeps in high precision (modulation, embedders, output head).
-FLUX_KEEP = ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "time_text_embed",
-             "x_embedder", "context_embedder", "proj_out")
 
 
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.bfloat16):

@@ -185,6 +185,17 @@ class Engine:
 
         return f"{self.profile.display_name}: {quantization_summary(self.reports)}"
 
+    def hints(self) -> list[str]:
+        """Advice the user may want (never applied silently): e.g. Qwen-Image's recommended ignored_layers."""
+        out = []
+        rec = self.profile.recommended_ignored_layers
+        for name in self.info.transformers:
+            cfg = self.plan.get(name)
+            if cfg is not None and rec and not set(rec) & set(cfg.ignored_layers):
+                out.append(f"{self.profile.display_name}: ignored_layers={list(rec)} is recommended for "
+                           f"{name} (keeps quality-sensitive layers in bf16); not applied")
+        return out
+
     def __repr__(self) -> str:
         return f"Engine({str(self.info.folder)!r}, profile={self.profile.name}, {self.summary()})"
 
