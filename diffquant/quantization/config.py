@@ -114,7 +114,7 @@ class QuantizationConfig:
         return build_quant_config(data)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return json.dumps(self.to_dict())
 
 
 @register_method("fp8", aliases=("fp8_w8a8", "w8a8_fp8", "float8", "float8_e4m3fn"))
@@ -127,7 +127,8 @@ class Fp8Config(QuantizationConfig):
     weight_granularity: str | None = field(default=None, metadata=_choices(None, "per_channel", "per_tensor"))
     activation_granularity: str | None = field(default=None, metadata=_choices(None, "per_token", "per_tensor"))
     input_scales: tuple[tuple[str, float], ...] | None = field(default=None, metadata=_check(_scale_map))
-    backend: str = field(default="auto", metadata=_choices("auto", "emulated", "scaled_mm", "fp8_weight_only"))
+    backend: str = field(default="auto",
+                         metadata=_choices("auto", "emulated", "scaled_mm", "fp8_weight_only", "triton"))
 
     def validate(self) -> None:
         static = self.activation_scheme == "static"
@@ -168,7 +169,7 @@ class Int8Config(QuantizationConfig):
 
     activation_scheme: str = field(default="dynamic", metadata=_choices("dynamic", "static"))
     is_checkpoint_int8_serialized: bool = field(default=False, metadata={"type": bool})
-    backend: str = field(default="auto", metadata=_choices("auto", "emulated", "int_mm"))
+    backend: str = field(default="auto", metadata=_choices("auto", "emulated", "int_mm", "triton"))
 
     def validate(self) -> None:
         if self.activation_scheme == "static":
