@@ -17,11 +17,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_cuda
 
 from diffquant.quantization import QuantLinear, quantize_
 from diffquant.quantization import numerics as nx
 from diffquant.quantization.kernels import triton_ops
+from tests.conftest import require_cuda
 
 ATOL_BF16 = 1e-2
 REF = {"fp8": nx.fp8_quantize_per_row, "int8": nx.int8_quantize_per_row}

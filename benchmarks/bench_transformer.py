@@ -1,0 +1,308 @@
+"""Whole-transformer benchmark: real-shaped diffusers DiTs with random weights, one denoising forward.
+
+For each variant (bf16, diffquant fp8/int8, torchao 0.18 fp8 rowwise / int8 dynamic, in the same
+run) it reports the median forward time (CUDA events), weight memory and peak memory (allocator
+deltas, so torchao's tensor subclasses are counted by what they really allocate) and, as the
+quality column, the per-block output SQNR vs bf16 on the same block inputs (random weights make
+end-to-end quality meaningless: see DESIGN.md).
+
+Compiled variants use regional compilation: one `torch.compile(fullgraph=True)` graph per block
+*type* (FLUX: double and single blocks), shared by every block of that type through
+`torch.func.functional_call` with that block's own weights, so each variant compiles two graphs
+instead of the whole model (the repeated blocks are ~all of the time; embedders and norm_out stay
+eager).
+
+    python benchmarks/bench_transformer.py --model flux1-dev --variants bf16 fp8 int8 ao-fp8 ao-int8 \
+        --compile bf16 fp8 int8 ao-fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import environment, md_table, sqnr_db, time_cuda, write_results  # noqa: E402
+from diffquant.engine.models import keep_patterns  # noqa: E402
+from diffquant.quantization import quantize_  # noqa: E402
+from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
+
+GB = 1e9
+
+
+def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512) -> dict:
+    from diffusers import FluxTransformer2DModel
+
+    def build():
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+
+    def inputs(dev):
+        h, w = height // 16, width // 16  # 8x VAE, 2x2 patches -> tokens
+        g = torch.Generator(device=dev).manual_seed(1)
+        img_ids = torch.zeros(h, w, 3, device=dev)
+        img_ids[..., 1] = torch.arange(h, device=dev)[:, None]
+        img_ids[..., 2] = torch.arange(w, device=dev)[None, :]
+        bf = torch.bfloat16
+        return dict(
+            hidden_states=torch.randn(1, h * w, 64, device=dev, generator=g).to(bf),
+            encoder_hidden_states=torch.randn(1, text_tokens, 4096, device=dev, generator=g).to(bf),
+            pooled_projections=torch.randn(1, 768, device=dev, generator=g).to(bf),
+            timestep=torch.tensor([0.5], device=dev, dtype=bf),
+            img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text_tokens, 3, device=dev),
+            guidance=torch.tensor([3.5], device=dev, dtype=bf), return_dict=False,
+        )
+
+    return dict(
+        build=build, inputs=inputs, blocks=("transformer_blocks", "single_transformer_blocks"),
+        sqnr_blocks=("transformer_blocks.0", "transformer_blocks.18", "single_transformer_blocks.0",
+                     "single_transformer_blocks.37"),
+        # DESIGN decision 8: modulation, embedders, norm_out and the final proj_out stay bf16
+        # (the engine's FLUX profile; torchao gets the same layer filter).
+        keep=keep_patterns("flux1-dev"),
+        shape=f"{height}x{width}, {(height // 16) * (width // 16)} image + {text_tokens} text tokens",
+    )
+
+
+SPECS = {"flux1-dev": flux_spec}
+
+
+def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...]) -> str:
+    """Quantize `model` in place; returns a short description."""
+    if variant == "bf16":
+        return "bf16 (no quantization)"
+    if variant in ("fp8", "int8", "fp8-scaled_mm", "int8-int_mm"):
+        method, _, backend = variant.partition("-")
+        report = quantize_(model, {"method": method, "backend": backend or "auto"}, keep_high_precision=keep)
+        backends = sorted({layer.backend for layer in report.quantized})
+        return f"diffquant {method}: {len(report.quantized)} layers on {','.join(backends)}, {len(report.kept)} kept"
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        PerRow,
+    )
+    from torchao.quantization import quantize_ as ao_quantize_
+
+    matcher = LayerMatcher(keep)
+
+    def filter_fn(module, fqn):
+        return isinstance(module, torch.nn.Linear) and not matcher.match(fqn)
+
+    cfg = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if variant == "ao-fp8"
+           else Int8DynamicActivationInt8WeightConfig())
+    ao_quantize_(model, cfg, filter_fn=filter_fn)
+    return f"torchao {type(cfg).__name__}"
+
+
+class _RegionalBlock(torch.nn.Module):
+    """Stands in for one block: runs the shared compiled graph with this block's weights."""
+
+    def __init__(self, fn, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.fn, self.params = fn, params
+
+    def forward(self, *args, **kwargs):
+        # Canonical strides: one set of stride guards for every block of the type (no recompiles).
+        kwargs = {k: _canonical(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return self.fn(self.params, args, kwargs)
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous t with row-major strides also on size-1 dims (a [1, S, D] slice of a longer
+    sequence is contiguous but keeps the parent's batch stride, which dynamo guards on)."""
+    t = t.contiguous()
+    strides, acc = [], 1
+    for size in reversed(t.shape):
+        strides.append(acc)
+        acc *= size
+    strides = tuple(reversed(strides))
+    return t if t.stride() == strides else t.as_strided(t.shape, strides, t.storage_offset())
+
+
+def regional_compile(model: torch.nn.Module, block_lists: tuple[str, ...], backend: str = "inductor"):
+    """One compiled graph per block type, shared by all blocks of the type (weights as graph inputs).
+
+    Swaps each block in its ModuleList for a _RegionalBlock; returns a function that undoes it."""
+    undo = []
+    for attr in block_lists:
+        blocks = getattr(model, attr)
+        # A private copy: if the template owned block 0's tensors, dynamo would guard on their
+        # identity and compile block 0 separately.
+        template = copy.deepcopy(blocks[0])
+
+        def run(params, args, kwargs, template=template):
+            return torch.func.functional_call(template, params, args, kwargs)
+
+        fn = torch.compile(run, fullgraph=True, backend=backend)
+        originals = list(blocks)
+        for i, b in enumerate(originals):
+            blocks[i] = _RegionalBlock(fn, {**dict(b.named_parameters()), **dict(b.named_buffers())})
+        undo.append((blocks, originals))
+
+    def restore():
+        for blocks, originals in undo:
+            for i, b in enumerate(originals):
+                blocks[i] = b
+
+    return restore
+
+
+def _capture_blocks(model, names, inputs):
+    """Run `model` once, recording (args, kwargs, output) of the named blocks."""
+    seen, hooks = {}, []
+    for name in names:
+        mod = model.get_submodule(name)
+
+        def hook(mod, args, kwargs, out, name=name):
+            seen[name] = (args, kwargs, out)
+
+        hooks.append(mod.register_forward_hook(hook, with_kwargs=True))
+    with torch.inference_mode():
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _flat(out) -> torch.Tensor:
+    return torch.cat([o.reshape(-1).float() for o in (out if isinstance(out, tuple) else (out,))])
+
+
+def block_sqnr(model, captured) -> dict[str, float]:
+    res = {}
+    with torch.inference_mode():
+        for name, (args, kwargs, ref) in captured.items():
+            out = model.get_submodule(name)(*args, **kwargs)
+            res[name] = sqnr_db(_flat(out), _flat(ref))
+    return res
+
+
+def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    mem0 = torch.cuda.memory_allocated()
+    row = dict(variant=variant, mode="compiled (regional)" if compiled else "eager")
+    model = base if variant == "bf16" else copy.deepcopy(base)
+    t0 = time.perf_counter()
+    row["quantization"] = _quantize_variant(model, variant, spec["keep"])
+    torch.cuda.synchronize()
+    row["quantize_s"] = time.perf_counter() - t0
+    row["weights_GB"] = (torch.cuda.memory_allocated() - mem0) / GB if model is not base else (
+        sum(p.numel() * p.element_size() for p in model.parameters()) / GB)
+    if variant != "bf16" and not compiled:
+        sq = block_sqnr(model, captured)
+        row["block_sqnr_db"] = sq
+        row["sqnr_min_db"] = min(sq.values())
+        row["sqnr_mean_db"] = sum(sq.values()) / len(sq)
+    restore = regional_compile(model, spec["blocks"]) if compiled else None
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(**inputs)
+        torch.cuda.synchronize()
+        row["first_call_s"] = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        t = time_cuda(lambda: model(**inputs), warmup=2, reps=reps)
+        row["activation_peak_GB"] = (torch.cuda.max_memory_allocated() - before) / GB
+    row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], reps=t["reps"])
+    row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
+    if restore is not None:
+        restore()
+    if model is not base:
+        del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="flux1-dev", choices=list(SPECS))
+    ap.add_argument("--variants", nargs="*", default=["bf16", "fp8", "int8", "ao-fp8", "ao-int8"])
+    ap.add_argument("--compile", nargs="*", default=[], help="variants to also time with regional compile")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", nargs="*", default=[], help="variants to profile (eager, top CUDA kernels)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64
+    spec = SPECS[args.model]()
+    dev = "cuda"
+    with torch.device(dev):
+        base = spec["build"]().to(torch.bfloat16).eval()  # fp32 init on the GPU, then bf16
+    base.requires_grad_(False)
+    torch.cuda.empty_cache()
+    inputs = spec["inputs"](dev)
+    captured = _capture_blocks(base, spec["sqnr_blocks"], inputs)
+    env = environment()
+    rows = []
+    jobs = [(v, False) for v in args.variants] + [(v, True) for v in args.compile]
+    for variant, compiled in jobs:
+        try:
+            row = run_variant(base, spec, variant, compiled, captured, inputs, args.reps)
+        except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking the rest
+            traceback.print_exc()
+            row = dict(variant=variant, mode="compiled (regional)" if compiled else "eager",
+                       error=f"{type(e).__name__}: {str(e)[:300]}")
+            torch._dynamo.reset()
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "block_sqnr_db"}, flush=True)
+    for mode in ("eager", "compiled (regional)"):
+        base_row = next((r for r in rows if r["variant"] == "bf16" and r["mode"] == mode and "ms" in r), None)
+        for r in rows:
+            if base_row and r["mode"] == mode and "ms" in r:
+                r["speedup_vs_bf16_same_mode"] = base_row["ms"] / r["ms"]
+    profiles = {}
+    for variant in args.profile:
+        profiles[variant] = profile_variant(base, spec, variant, inputs)
+    cols = ["variant", "mode", "ms", "speedup_vs_bf16_same_mode", "weights_GB", "peak_GB", "sqnr_min_db",
+            "sqnr_mean_db", "first_call_s", "quantization", "error"]
+    md = (f"# bench_transformer {args.model} ({spec['shape']})\n\n`{env['command']}`\n\ncommit {env['commit']}, "
+          f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, diffusers {env['diffusers']}, "
+          f"torchao {env['torchao']}; median of {args.reps} forwards (CUDA events) after warm-up. "
+          "SQNR: per-block output vs bf16 on identical block inputs (min / mean over "
+          f"{', '.join(spec['sqnr_blocks'])}).\n\n" + md_table(rows, cols))
+    for v, text in profiles.items():
+        md += f"\n## torch.profiler top CUDA kernels, {v} eager\n\n```\n{text}\n```\n"
+    name = f"bench_transformer_{args.model}{('_' + args.tag) if args.tag else ''}"
+    path = write_results(name, dict(env=env, spec=spec["shape"], rows=rows, profiles=profiles), md, args.out)
+    print(md)
+    print(f"wrote {path}")
+
+
+def profile_variant(base, spec, variant, inputs) -> str:
+    model = base if variant == "bf16" else copy.deepcopy(base)
+    _quantize_variant(model, variant, spec["keep"])
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(**inputs)
+            torch.cuda.synchronize()
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    if model is not base:
+        del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, linear benchmark, transformer benchmark. Usage (from the repo root,
+# with the wheels of /work/shared/gpu-wheels.sh in .whl/):  bash benchmarks/gpu_session.sh STAGES...
+# STAGES: tests linear eager compile ; outputs go to $OUT (or ./out).
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  >/dev/null 2>&1 || echo "wheel install failed"
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
+for stage in "$@"; do
+  start=$(date +%s)
+  case $stage in
+    tests) timeout 240 python3 -m pytest tests/quantization/test_triton_kernels.py -q -p no:cacheprovider --maxfail=30 \
+             -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1; tail -5 "$OUT/pytest.txt";;
+    linear) timeout ${LINEAR_T:-150} python3 benchmarks/bench_linear.py --out "$OUT" > "$OUT/linear.log" 2>&1
+            tail -3 "$OUT/linear.log";;
+    eager) timeout ${EAGER_T:-200} python3 benchmarks/bench_transformer.py --tag eager --out "$OUT" \
+             --variants ${EAGER_VARIANTS:-bf16 fp8 int8 ao-fp8 ao-int8} --profile ${PROFILE:-fp8} \
+             > "$OUT/eager.log" 2>&1; grep -E "^\{|Error|error" "$OUT/eager.log" | cut -c1-400 | tail -12;;
+    compile) timeout ${COMPILE_T:-400} python3 benchmarks/bench_transformer.py --tag compiled --out "$OUT" \
+             --variants --compile ${COMPILE_VARIANTS:-bf16 fp8 int8 ao-fp8} > "$OUT/compile.log" 2>&1
+             grep -E "^\{|Error|error" "$OUT/compile.log" | cut -c1-400 | tail -12;;
+  esac
+  echo "== stage $stage rc=$? $(( $(date +%s) - start ))s"
+done
