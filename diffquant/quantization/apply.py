@@ -69,15 +69,16 @@ def quantize_(
     if not isinstance(cfg, QuantizationConfig):
         raise ValueError("quantize_ needs a single-method config (e.g. 'fp8'); per-component configs are "
                          "applied by the Engine, component by component")
-    layers = _linear_layers(module)
-    if not layers:
+    names = [n for n, _ in _linear_layers(module)]  # names only: a swapped-out layer is freed at once
+    if not names:
         raise ValueError(f"{type(module).__name__} has no nn.Linear layer to quantize")
-    names = [n for n, _ in layers]
     ignored = check_all_match(list(cfg.ignored_layers), names)
     keep = LayerMatcher(keep_high_precision)
     report = QuantizeReport(method=cfg.method)
-    for name, linear in layers:
+    for name in names:
+        linear = module.get_submodule(name)
         report.layers.append(_quantize_one(module, cfg, name, linear, ignored, keep, device))
+        del linear
     if not report.quantized:
         raise ValueError(f"{cfg.method}: every linear layer of {type(module).__name__} was excluded "
                          f"({len(report.kept)} kept); nothing was quantized")
@@ -98,8 +99,6 @@ def _quantize_one(root, cfg, name, linear, ignored: LayerMatcher, keep: LayerMat
     q = QuantLinear.from_linear(linear, _scheme(cfg, name, linear), backend=cfg.backend,
                                 input_scale=_static_scale(cfg, name))
     _set_submodule(root, name, q)
-    if device is not None:
-        linear.to("meta")  # the caller's layer list still references it: free its float weight now
     backend, why = q.backend_for(q.qweight.device)
     after = _tensor_bytes(q.qweight, q.weight_scale, q.input_scale, q.bias)
     return LayerReport(name, "quantized", why, backend, shape, before, after)

@@ -234,3 +234,27 @@ def test_whole_transformer_bytes_without_keep():
     model = tiny_flux(0)
     report = quantize_(model, "fp8")
     assert not report.kept and report.bytes_after / report.bytes_before <= BYTES_RATIO_MAX
+
+
+def test_float_weights_freed_layer_by_layer():
+    """Nothing inside quantize_ holds a swapped-out layer: its float weight is freed as soon as the
+    QuantLinear replaces it, so peak memory stays near the final footprint + one layer."""
+    import weakref
+
+    model = _toy()
+    alive = []
+    refs = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, nn.Linear)]
+    original = QuantLinear.from_linear.__func__
+
+    def from_linear(cls, linear, *a, **k):
+        alive.append(sum(r() is not None for r in refs))
+        return original(cls, linear, *a, **k)
+
+    QuantLinear.from_linear = classmethod(from_linear)
+    try:
+        quantize_(model, "fp8")
+    finally:
+        QuantLinear.from_linear = classmethod(original)
+    n = len(refs)
+    assert alive == list(range(n, 0, -1))  # one fewer float weight alive before each quantization
+    assert all(r() is None for r in refs)
