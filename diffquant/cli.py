@@ -77,13 +77,15 @@ def quant_args(quantization: str | None, ignored_layers: str | None, config: Any
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from diffquant.engine import Engine, SamplingParams
+    from diffquant.engine.loading import read_pipeline_info
     from diffquant.engine.output import generation_summary
 
-    _no_loading_bars()
     prompt = args.prompt_opt if args.prompt_opt is not None else args.prompt
     if not prompt:
         raise ValueError("a prompt is required: diffquant generate \"a red circle\" --model DIR")
     quantization, config = quant_args(args.quantization, args.ignored_layers, _load_json_arg(args.quantization_config))
+    read_pipeline_info(args.model, warn=False)  # folder errors before the slow diffusers import
+    _no_loading_bars()
     start = time.perf_counter()
     engine = Engine(model=args.model, quantization=quantization, quantization_config=config,
                     device=args.device, compile=args.compile)

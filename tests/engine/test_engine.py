@@ -1,0 +1,155 @@
+"""Engine end to end on tiny random-weight pipelines (CPU, bf16 / fp8 / int8), routing and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from diffquant import Engine, GenerationOutput, SamplingParams
+from diffquant.quantization import QuantLinear
+from diffquant.quantization.weight_storage import is_fp8_stored
+from tests.engine.conftest import sampling_for
+
+PIPELINES = ["flux1-dev", "qwen-image", "z-image", "wan2.2-t2v-a14b"]
+TRANSFORMERS = {"flux1-dev": ["transformer"], "qwen-image": ["transformer"], "z-image": ["transformer"],
+                "wan2.2-t2v-a14b": ["transformer", "transformer_2"]}
+
+
+def _qlinears(module: nn.Module) -> list[QuantLinear]:
+    return [m for m in module.modules() if isinstance(m, QuantLinear)]
+
+
+@pytest.mark.parametrize("method", [None, "fp8", "int8"])
+@pytest.mark.parametrize("name", PIPELINES)
+def test_generate(tiny_pipeline, name, method):
+    engine = Engine(model=tiny_pipeline(name), quantization=method, device="cpu")
+    out = engine.generate("a red circle on a white table", sampling_for(name))
+    assert isinstance(out, GenerationOutput) and out.seed == 0
+    if name.startswith("wan"):
+        assert out.images == [] and len(out.frames) == 1 and len(out.frames[0]) == 5
+        assert out.frames[0][0].size == (16, 16)
+    else:
+        assert out.frames is None and len(out.images) == 1 and out.images[0].size == (32, 32)
+    assert {"load_s", "quantize_s", "generate_s", "encode_s", "denoise_s", "decode_s"} <= set(out.timings)
+    assert out.timings["steps"] == 2 and out.peak_memory_bytes > 0
+    if method is None:
+        assert out.quantization == {} and not _qlinears(engine.pipe.transformer)
+        return
+    assert sorted(out.quantization) == TRANSFORMERS[name]  # default scope: the diffusion transformer(s) only
+    for component in TRANSFORMERS[name]:
+        report = out.quantization[component]
+        assert report.method == method and report.quantized and report.kept
+        assert all("kept high precision by default" in r.reason for r in report.kept)
+        layers = _qlinears(getattr(engine.pipe, component))
+        assert len(layers) == len(report.quantized) and layers[0].scheme.method == method
+    for other in ("text_encoder", "vae"):
+        assert not any(is_fp8_stored(m) for m in getattr(engine.pipe, other).modules())
+
+
+@pytest.mark.parametrize("name", ["flux1-dev", "wan2.2-t2v-a14b"])
+def test_text_encoders_and_vae_fp8_at_rest(tiny_pipeline, name):
+    encoders = ["text_encoder", "text_encoder_2", "vae"] if name == "flux1-dev" else ["text_encoder", "vae"]
+    config = {"transformer": {"method": "fp8"}, **{c: "fp8" for c in encoders}}
+    engine = Engine(model=tiny_pipeline(name), quantization_config=config, device="cpu")
+    for component in encoders:
+        module = getattr(engine.pipe, component)
+        stored = [m for m in module.modules() if is_fp8_stored(m)]
+        assert stored and len(stored) == len(engine.reports[component].quantized)
+        assert all(m.weight is None and m.weight_fp8.dtype == torch.float8_e4m3fn for m in stored)
+        assert engine.reports[component].method == "fp8_weight_storage"
+    out = engine.generate("a red circle", sampling_for(name))
+    assert (out.images or out.frames[0])
+    assert all(m.weight is None for c in encoders for m in getattr(engine.pipe, c).modules() if is_fp8_stored(m))
+
+
+def test_reference_api_blocks(tiny_pipeline):
+    folder = tiny_pipeline("qwen-image")
+    engine = Engine(model=folder, quantization="fp8")
+    assert engine.hints() and "img_mlp" in engine.hints()[0]  # recommended, not forced
+    assert not any(r.reason.startswith("ignored_layers") for r in engine.reports["transformer"].layers)
+    skipping = Engine(model=folder, quantization_config={"method": "fp8", "ignored_layers": ["img_mlp"]})
+    kept = {r.name for r in skipping.reports["transformer"].kept if r.reason == "ignored_layers 'img_mlp'"}
+    assert kept == {"transformer_blocks.0.img_mlp.net.0.proj", "transformer_blocks.0.img_mlp.net.2"}
+    assert not skipping.hints()
+    out = skipping.generate("A cat sitting on a windowsill", SamplingParams(num_inference_steps=2, height=32, width=32,
+                                                                            negative_prompt="blurry"))
+    assert len(out.images) == 1
+    combined = Engine(model=folder, quantization="int8", quantization_config={"ignored_layers": ["img_mlp"]})
+    assert combined.reports["transformer"].method == "int8"
+
+
+def test_component_routing_default_and_none(tiny_pipeline):
+    engine = Engine(model=tiny_pipeline("wan2.2-t2v-a14b"),
+                    quantization_config={"default": "int8", "transformer_2": None, "vae": None})
+    assert sorted(engine.reports) == ["transformer"] and engine.reports["transformer"].method == "int8"
+    assert not _qlinears(engine.pipe.transformer_2)
+
+
+def test_seed_reproducible_and_batched_outputs(tiny_pipeline):
+    engine = Engine(model=tiny_pipeline("flux1-dev"), quantization="fp8")
+    a = engine.generate("a red circle", sampling_for("flux1-dev", seed=7)).images[0]
+    b = engine.generate("a red circle", sampling_for("flux1-dev", seed=7)).images[0]
+    assert a.tobytes() == b.tobytes()
+    many = engine.generate(["a red circle", "a blue square"], sampling_for("flux1-dev", num_outputs_per_prompt=2))
+    assert len(many.images) == 4 and many.prompts == ["a red circle", "a blue square"]
+
+
+def test_compile_wraps_the_transformers(tiny_pipeline):
+    engine = Engine(model=tiny_pipeline("wan2.2-t2v-a14b"), quantization="fp8", compile=True)
+    assert engine.pipe.transformer._compiled_call_impl is not None
+    assert engine.pipe.transformer_2._compiled_call_impl is not None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text
+    return text
+
+
+def test_errors_are_clear_one_liners(tiny_pipeline, tmp_path):
+    folder = tiny_pipeline("z-image")
+    with pytest.raises(ValueError, match="no embedded model ships") as e:
+        Engine(model=None)
+    _one_line(e.value)
+    with pytest.raises(FileNotFoundError, match="does not exist") as e:
+        Engine(model=tmp_path / "missing")
+    _one_line(e.value)
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder") as e:
+        Engine(model=tmp_path)
+    _one_line(e.value)
+    with pytest.raises(ValueError, match=r"component 'text_encoder_2'.*its components: scheduler, text_encoder, "
+                                         r"tokenizer, transformer, vae") as e:
+        Engine(model=folder, quantization_config={"text_encoder_2": "fp8"})
+    _one_line(e.value)
+    with pytest.raises(ValueError, match="unknown quantization method 'fp9'; valid methods: .*fp8.*int8"):
+        Engine(model=folder, quantization="fp9")
+    with pytest.raises(ValueError, match="'tokenizer' has no weights"):
+        Engine(model=folder, quantization_config={"tokenizer": "fp8"})
+    with pytest.raises(ValueError, match="only 'fp8'"):
+        Engine(model=folder, quantization_config={"vae": "int8"})
+    with pytest.raises(ValueError, match="disagrees"):
+        Engine(model=folder, quantization="int8", quantization_config={"method": "fp8"})
+    with pytest.raises(NotImplementedError, match="cache_backend"):
+        Engine(model=folder, cache_backend="tea_cache")
+    with pytest.raises(ValueError, match="'img_mpl' matches no linear layer"):
+        Engine(model=folder, quantization_config={"method": "fp8", "ignored_layers": ["img_mpl"]})
+
+
+def test_bad_sampling_params(tiny_pipeline):
+    engine = Engine(model=tiny_pipeline("z-image"))
+    with pytest.raises(ValueError, match="num_frames is not a parameter of ZImagePipeline"):
+        engine.generate("x", SamplingParams(num_frames=5))
+    with pytest.raises(ValueError, match="prompt"):
+        engine.generate([], SamplingParams())
+
+
+def test_broken_model_index(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Engine(model=tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="no diffusion transformer component"):
+        Engine(model=tmp_path, quantization="fp8")
