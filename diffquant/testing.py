@@ -147,6 +147,24 @@ def build_z_image() -> dict:
                 tokenizer=byte_tokenizer(2048), transformer=transformer)
 
 
+def build_flux2_klein() -> dict:
+    """FLUX.2-klein: Qwen3 causal LM text encoder (hidden states of layers 9, 18, 27), FLUX.2 VAE."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=VOCAB, max_position_embeddings=1024, eos_token_id=EOS_ID, pad_token_id=PAD_ID))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             sample_size=32, use_quant_conv=False, use_post_quant_conv=False)
+    return dict(cls=Flux2KleinPipeline, scheduler=_flow_scheduler(), vae=vae, text_encoder=text_encoder,
+                tokenizer=byte_tokenizer(2048), transformer=transformer, is_distilled=True)
+
+
 def _wan_transformer(in_channels: int = 16):
     from diffusers import WanTransformer3DModel
 
@@ -172,6 +190,7 @@ def build_wan22(two_experts: bool = True) -> dict:
 BUILDERS: dict[str, Callable[[], dict]] = {
     "flux1-dev": lambda: build_flux(True),
     "flux1-schnell": lambda: build_flux(False),
+    "flux2-klein": build_flux2_klein,
     "qwen-image": build_qwen_image,
     "z-image": build_z_image,
     "wan2.2-t2v-a14b": lambda: build_wan22(True),

@@ -36,6 +36,12 @@ class SamplingParams:
     negative_prompt: str | list[str] | None = None
     num_outputs_per_prompt: int = 1
 
+    def __post_init__(self) -> None:
+        for name in ("num_inference_steps", "height", "width", "num_frames", "num_outputs_per_prompt"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
 
 @dataclass
 class GenerationOutput:
@@ -118,7 +124,7 @@ class Engine:
         timer = StepTimer(self.pipe, self.info.transformers, kwargs.get("num_inference_steps"), progress)
         self._reset_peak()
         with torch.inference_mode(), timer:
-            result = self.pipe(prompts, **timer.kwargs(self._accepts), **kwargs)
+            result = self.pipe(prompt=prompts, **timer.kwargs(self._accepts), **kwargs)
             self._sync()
         return self._output(result, seed, prompts, timer.timings())
 

@@ -13,9 +13,8 @@ from diffquant.quantization import QuantLinear
 from diffquant.quantization.weight_storage import is_fp8_stored
 from tests.engine.conftest import sampling_for
 
-PIPELINES = ["flux1-dev", "qwen-image", "z-image", "wan2.2-t2v-a14b"]
-TRANSFORMERS = {"flux1-dev": ["transformer"], "qwen-image": ["transformer"], "z-image": ["transformer"],
-                "wan2.2-t2v-a14b": ["transformer", "transformer_2"]}
+PIPELINES = ["flux1-dev", "flux2-klein", "qwen-image", "z-image", "wan2.2-t2v-a14b"]
+TRANSFORMERS = {name: ["transformer"] for name in PIPELINES} | {"wan2.2-t2v-a14b": ["transformer", "transformer_2"]}
 
 
 def _qlinears(module: nn.Module) -> list[QuantLinear]:
@@ -144,6 +143,10 @@ def test_bad_sampling_params(tiny_pipeline):
         engine.generate("x", SamplingParams(num_frames=5))
     with pytest.raises(ValueError, match="prompt"):
         engine.generate([], SamplingParams())
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive int"):
+        SamplingParams(num_inference_steps=0)
+    with pytest.raises(ValueError, match="num_outputs_per_prompt must be a positive int"):
+        SamplingParams(num_outputs_per_prompt=0)
 
 
 def test_broken_model_index(tmp_path):
