@@ -16,8 +16,11 @@ FP8_MAX = 448.0
 
 
 def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """amax / qmax, IEEE-rounded on every device (1 for amax 0). The divisor is a tensor on purpose:
+    CUDA turns division by a Python scalar into a multiply by its rounded reciprocal, which is off by
+    one ulp for some amax, so CPU and CUDA scales (and the quantized values) would differ."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
 
 
 def fp8_cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ def int8_cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def int8_quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] -> (q: [M, K] int8, scale: [M, 1] float32); rows are output channels or tokens."""
     amax = x.abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    # Tensor divisor: IEEE division on CUDA too (see fp8._scale_from_amax).
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, INT8_MAX), torch.ones_like(amax))
     return int8_cast(x, scale), scale
 
 
