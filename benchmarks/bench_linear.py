@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -126,6 +128,67 @@ def bench_quantize_kernels(ceilings: dict) -> list[dict]:
     return rows
 
 
+def bench_overhead() -> list[dict]:
+    """CPU time per call at a tiny shape (GPU work negligible): what eager mode pays per layer."""
+    from diffquant.quantization.kernels import triton_gemm, triton_quant
+
+    m, k, n = 16, 256, 256
+    lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    xq, xs = triton_quant.quantize_per_token(x, "fp8")
+    xqi, xsi = triton_quant.quantize_per_token(x, "int8")
+    layers = {f"QuantLinear {meth} {be}": _make(lin, meth, be) for meth, be in
+              (("fp8", "triton"), ("fp8", "scaled_mm"), ("int8", "triton"), ("int8", "int_mm"))}
+    q8 = layers["QuantLinear fp8 triton"]
+    qi = layers["QuantLinear int8 triton"]
+    cases = {"F.linear bf16": lambda: F.linear(x, lin.weight, lin.bias),
+             **{name: (lambda layer=layer: layer(x)) for name, layer in layers.items()},
+             "triton quantize alone": lambda: triton_quant.quantize_per_token(x, "fp8"),
+             "torch._scaled_mm alone": lambda: torch._scaled_mm(xq, q8.qweight.t(), scale_a=xs,
+                                                                scale_b=q8.weight_scale.view(1, n), bias=lin.bias,
+                                                                out_dtype=torch.bfloat16),
+             "triton int8 gemm alone": lambda: triton_gemm.w8a8_scaled_mm(xqi, xsi, qi.qweight, qi.weight_scale,
+                                                                          lin.bias),
+             "torch.empty alone": lambda: torch.empty((m, k), device="cuda")}
+    rows = []
+    with torch.no_grad():
+        for name, fn in cases.items():
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            us = (time.perf_counter() - t0) / 2000 * 1e6
+            torch.cuda.synchronize()
+            rows.append(dict(case=name, cpu_us_per_call=us))
+            print(f"overhead {name:32s} {us:.1f} us", flush=True)
+    return rows
+
+
+def bench_quant_configs(ceilings: dict) -> list[dict]:
+    """Launch configurations of the fused quantize kernel (rows per program x warps)."""
+    from diffquant.quantization.kernels import triton_quant
+
+    rows = []
+    for m, k in [(4608, 3072), (4096, 12288), (4608, 15360), (512, 3072)]:
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        block = triton.next_power_of_2(k)
+        for r in (1, 2, 4):
+            for w in (2, 4, 8, 16):
+                if r * block > 32768 or r * block < 32 * w * 8:
+                    continue
+                t = time_cuda(lambda x=x, r=r, w=w: triton_quant.quantize_per_token(x, "fp8", rows=r, warps=w),
+                              warmup=3, reps=10, inner=10)
+                tbps = (m * k * 3 + m * 4) / t["ms"] / 1e9
+                rows.append(dict(M=m, K=k, rows=r, warps=w, ms=t["ms"], TBps=tbps,
+                                 pct_copy=100 * tbps / ceilings["copy_TBps"]))
+        best = min((r for r in rows if r["M"] == m and r["K"] == k), key=lambda r: r["ms"])
+        print(f"quant config {m}x{k}: best rows={best['rows']} warps={best['warps']} {best['ms']*1e3:.1f} us "
+              f"{best['TBps']:.2f} TB/s; default {triton_quant._launch_config(k)}", flush=True)
+    return rows
+
+
 def _triton_8192() -> dict[str, float]:
     """Our Triton W8A8 GEMM at 8192^3 (int8 and fp8), scales and bias included."""
     from diffquant.quantization.kernels import triton_gemm
@@ -160,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         if r["variant"].startswith("int8"):
             r["pct_ceiling"] = 100 * r["TFLOPs"] / ceilings["int8_TOPs"]
     qrows = bench_quantize_kernels(ceilings)
+    overhead = bench_overhead()
+    qconfigs = bench_quant_configs(ceilings)
     env = environment()
     cols = ["model", "layer", "M", "K", "N", "variant", "ms", "TFLOPs", "pct_ceiling", "speedup_vs_bf16",
             "rel_err", "sqnr_db"]
@@ -167,8 +232,13 @@ def main(argv: list[str] | None = None) -> None:
           f"triton {env['triton']}\n\nCeilings (measured): " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items())
           + "\n\nQuantized times include the activation quantization. Error vs float64 of the unquantized "
           "operands.\n\n" + md_table(rows, cols) + "\n## Activation quantization alone\n\n"
-          + md_table(qrows, ["M", "K", "fmt", "impl", "ms", "TBps", "pct_copy"]))
-    path = write_results("bench_linear", dict(env=env, ceilings=ceilings, rows=rows, quantize=qrows), md, args.out)
+          + md_table(qrows, ["M", "K", "fmt", "impl", "ms", "TBps", "pct_copy"])
+          + "\n## CPU time per call (eager overhead, M=16 K=N=256)\n\n"
+          + md_table(overhead, ["case", "cpu_us_per_call"])
+          + "\n## Quantize kernel launch configurations (fp8)\n\n"
+          + md_table(qconfigs, ["M", "K", "rows", "warps", "ms", "TBps", "pct_copy"]))
+    path = write_results("bench_linear", dict(env=env, ceilings=ceilings, rows=rows, quantize=qrows,
+                                                  overhead=overhead, quant_configs=qconfigs), md, args.out)
     print(md)
     print(f"wrote {path}")
 

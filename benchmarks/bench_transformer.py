@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", nargs="*", default=[], help="variants to also time with regional compile")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--fuse-qkv", action="store_true",
+                    help="diffusers fuse_qkv_projections() on the bf16 model first (all variants share it)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", nargs="*", default=[], help="variants to profile (eager, top CUDA kernels)")
     args = ap.parse_args(argv)
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.device(dev):
         base = spec["build"]().to(torch.bfloat16).eval()  # fp32 init on the GPU, then bf16
     base.requires_grad_(False)
+    if args.fuse_qkv:
+        base.fuse_qkv_projections()
     torch.cuda.empty_cache()
     inputs = spec["inputs"](dev)
     captured = _capture_blocks(base, spec["sqnr_blocks"], inputs)
@@ -272,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         profiles[variant] = profile_variant(base, spec, variant, inputs)
     cols = ["variant", "mode", "ms", "speedup_vs_bf16_same_mode", "weights_GB", "peak_GB", "sqnr_min_db",
             "sqnr_mean_db", "first_call_s", "quantization", "error"]
-    md = (f"# bench_transformer {args.model} ({spec['shape']})\n\n`{env['command']}`\n\ncommit {env['commit']}, "
+    fused = ", q/k/v projections fused (fuse_qkv_projections)" if args.fuse_qkv else ""
+    md = (f"# bench_transformer {args.model} ({spec['shape']}{fused})\n\n`{env['command']}`\n\ncommit {env['commit']}, "
           f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, diffusers {env['diffusers']}, "
           f"torchao {env['torchao']}; median of {args.reps} forwards (CUDA events) after warm-up. "
           "SQNR: per-block output vs bf16 on identical block inputs (min / mean over "
@@ -280,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     for v, text in profiles.items():
         md += f"\n## torch.profiler top CUDA kernels, {v} eager\n\n```\n{text}\n```\n"
     name = f"bench_transformer_{args.model}{('_' + args.tag) if args.tag else ''}"
-    path = write_results(name, dict(env=env, spec=spec["shape"], rows=rows, profiles=profiles), md, args.out)
+    data = dict(env=env, spec=spec["shape"], fuse_qkv=args.fuse_qkv, rows=rows, profiles=profiles)
+    path = write_results(name, data, md, args.out)
     print(md)
     print(f"wrote {path}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -66,9 +67,10 @@ def measure_ceilings() -> dict[str, float]:
 def environment(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+                                cwd=Path(__file__).parent).stdout.strip()
     except OSError:
-        commit = "unknown"
+        commit = ""
+    commit = commit or os.environ.get("DIFFQUANT_COMMIT", "unknown")  # copies without .git pass it in
     env: dict[str, Any] = {
         "commit": commit,
         "command": " ".join(shlex.quote(a) for a in (argv or ["python"] + sys.argv)),

@@ -18,9 +18,14 @@ for stage in "$@"; do
     eager) timeout ${EAGER_T:-200} python3 benchmarks/bench_transformer.py --tag eager --out "$OUT" \
              --variants ${EAGER_VARIANTS:-bf16 fp8 int8 ao-fp8 ao-int8} --profile ${PROFILE:-fp8} \
              > "$OUT/eager.log" 2>&1; grep -E "^\{|Error|error" "$OUT/eager.log" | cut -c1-400 | tail -12;;
+    fused) timeout ${FUSED_T:-100} python3 benchmarks/bench_transformer.py --tag eager_fusedqkv --fuse-qkv --out "$OUT" \
+             --variants ${FUSED_VARIANTS:-bf16 fp8 int8} --profile ${FUSED_PROFILE:-} \
+             > "$OUT/fused.log" 2>&1; grep -E "^\{|Error|error" "$OUT/fused.log" | cut -c1-300 | tail -12;;
     compile) timeout ${COMPILE_T:-400} python3 benchmarks/bench_transformer.py --tag compiled --out "$OUT" \
              --variants --compile ${COMPILE_VARIANTS:-bf16 fp8 int8 ao-fp8} > "$OUT/compile.log" 2>&1
              grep -E "^\{|Error|error" "$OUT/compile.log" | cut -c1-400 | tail -12;;
   esac
   echo "== stage $stage rc=$? $(( $(date +%s) - start ))s"
 done
+# The device returns at most 8 files: pack everything into one archive.
+(cd "$OUT" && tar czf ../results.tgz . && rm -rf ./* && mv ../results.tgz .)

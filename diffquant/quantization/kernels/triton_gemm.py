@@ -47,7 +47,7 @@ def _m_bucket(m: int) -> int:
 def _w8a8_mm_kernel(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, M_BUCKET,
-    HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """a: [M, K] 8-bit, b: [N, K] 8-bit (both unit stride along K), sa: [M] f32, sb: [N] f32,
@@ -75,9 +75,13 @@ def _w8a8_mm_kernel(
     # int8 x int8 sums exactly in int32; fp8 x fp8 accumulates in float32.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT8 else tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -94,8 +98,9 @@ def _w8a8_mm_kernel(
 
 
 _KEY = ["M_BUCKET", "N", "K", "IS_INT8"]
-_mm_large = triton.autotune(configs=_LARGE_M_CONFIGS, key=_KEY)(_w8a8_mm_kernel)
-_mm_small = triton.autotune(configs=_SMALL_M_CONFIGS, key=_KEY)(_w8a8_mm_kernel)
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_w8a8_mm_kernel)
+_mm_large = triton.autotune(configs=_LARGE_M_CONFIGS, key=_KEY)(_even_k)
+_mm_small = triton.autotune(configs=_SMALL_M_CONFIGS, key=_KEY)(_even_k)
 
 
 def w8a8_scaled_mm(

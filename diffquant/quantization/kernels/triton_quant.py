@@ -16,6 +16,7 @@ This module imports triton at import time; only `triton_ops` imports it, lazily,
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -94,8 +95,20 @@ def _quant_long_rows_kernel(
     tl.store(s_ptr + row, scale)
 
 
-def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] float (CUDA) -> (q: [M, K] float8_e4m3fn | int8, scale: [M, 1] float32)."""
+@functools.lru_cache(maxsize=256)
+def _launch_config(k: int) -> tuple[int, int, int]:
+    """(rows per program, warps, BLOCK_K) for rows of k elements that fit in registers."""
+    block = triton.next_power_of_2(max(k, 1))
+    rows = max(1, min(16, 2048 // block))  # short rows: several per program
+    warps = max(1, min(16, rows * block // 512))
+    return rows, warps, block
+
+
+def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None,
+                       warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] float (CUDA) -> (q: [M, K] float8_e4m3fn | int8, scale: [M, 1] float32).
+
+    rows / warps override the launch configuration (for benchmarking only)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -105,17 +118,16 @@ def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.T
     if m == 0:
         return q, scale
     qmax = INT8_MAX if is_int8 else FP8_MAX
-    block = triton.next_power_of_2(max(k, 1))
+    r, w, block = _launch_config(k)
     if block <= _MAX_ROW_BLOCK:
-        rows = max(1, min(16, 2048 // block))  # short rows: several per program
-        warps = max(1, min(16, rows * block // 512))
-        _quant_rows_kernel[(triton.cdiv(m, rows),)](
+        r, w = rows or r, warps or w
+        _quant_rows_kernel[(triton.cdiv(m, r),)](
             x, q, scale, m, k, x.stride(0), q.stride(0),
-            QMAX=qmax, IS_INT8=is_int8, ROWS=rows, BLOCK_K=block, RINT=_RINT, num_warps=warps,
+            QMAX=qmax, IS_INT8=is_int8, ROWS=r, BLOCK_K=block, RINT=_RINT, num_warps=w,
         )
     else:
         _quant_long_rows_kernel[(m,)](
             x, q, scale, m, k, x.stride(0), q.stride(0),
-            QMAX=qmax, IS_INT8=is_int8, BLOCK_K=4096, RINT=_RINT, num_warps=8,
+            QMAX=qmax, IS_INT8=is_int8, BLOCK_K=4096, RINT=_RINT, num_warps=warps or 8,
         )
     return q, scale
