@@ -53,9 +53,24 @@ def quantize_weight_fp8(layer: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor
     return q, scale.reshape(shape)
 
 
+_CHUNK_ELEMENTS = 1 << 22  # float32 temporaries of the dequantization stay under 16 MiB
+
+
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight a stored layer computes with: fp8 * scale in its original dtype."""
-    return fp8_dequantize(layer.weight_fp8, layer.weight_scale, layer.weight_orig_dtype)
+    """The weight a stored layer computes with: fp8 * scale in its original dtype.
+
+    Dequantized in slices along dim 0 into one preallocated tensor, so the transient memory is the
+    output plus one slice's float32 product, not a float32 copy of the whole weight; the values are
+    exactly `fp8_dequantize(q, scale, dtype)` (the product is element-wise).
+    """
+    q, scale, dtype = layer.weight_fp8, layer.weight_scale, layer.weight_orig_dtype
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, q[0].numel()))
+    per_row_scale = scale.dim() > 0 and scale.shape[0] > 1  # Conv: [O, 1, ...]; Linear / ConvT: broadcast
+    for start in range(0, q.shape[0], rows):
+        s = scale[start:start + rows] if per_row_scale else scale
+        out[start:start + rows] = fp8_dequantize(q[start:start + rows], s, dtype)
+    return out
 
 
 def _pre_hook(layer: nn.Module, args) -> None:

@@ -39,18 +39,26 @@ def test_float_weights_are_dropped_layer_by_layer():
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
-def _flux1_dev_on_cpu():
-    """FLUX.1-dev shape (11.9B parameters), bf16, random weights, on the CPU."""
+def _flux1_dev_on_cpu(**config):
+    """FLUX.1-dev shape (11.9B parameters; `config` shrinks it), bf16, random weights, on the CPU."""
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(guidance_embeds=True)
+        model = FluxTransformer2DModel(guidance_embeds=True, **config)
     model = nn.Module.to(model, torch.bfloat16).to_empty(device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-0.05, 0.05)
     return model
+
+
+def test_meta_built_transformer_quantizes_on_cpu():
+    """The GPU test's model builder and path, at a small size."""
+    model = _flux1_dev_on_cpu(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=64,
+                              joint_attention_dim=64, axes_dims_rope=(16, 24, 24))
+    report = quantize_component("transformer", model, build_quant_config("fp8"), _info(), torch.device("cpu"))
+    assert report.quantized and all(p.device.type == "cpu" for p in model.parameters())
 
 
 @pytest.mark.gpu

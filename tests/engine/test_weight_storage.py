@@ -118,3 +118,14 @@ def test_ignored_layers_and_errors():
         apply_fp8_weight_storage(_encoder_like(), ignored_layers=["mpl"])
     with pytest.raises(ValueError, match="no Linear or Conv layer"):
         apply_fp8_weight_storage(nn.Sequential(nn.LayerNorm(4)))
+
+
+def test_sliced_dequantization_equals_the_spec(monkeypatch):
+    import diffquant.quantization.weight_storage as ws
+
+    monkeypatch.setattr(ws, "_CHUNK_ELEMENTS", 1000)  # force many slices
+    m = _encoder_like()
+    apply_fp8_weight_storage(m)
+    for layer in m.values():
+        expected = fp8_dequantize(layer.weight_fp8, layer.weight_scale, torch.bfloat16)
+        assert torch.equal(dequantized_weight(layer), expected)
