@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--quant-configs", action="store_true", help="also sweep the quantize kernel's launch config")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     ceilings = measure_ceilings()
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             r["pct_ceiling"] = 100 * r["TFLOPs"] / ceilings["int8_TOPs"]
     qrows = bench_quantize_kernels(ceilings)
     overhead = bench_overhead()
-    qconfigs = bench_quant_configs(ceilings)
+    qconfigs = bench_quant_configs(ceilings) if args.quant_configs else []
     env = environment()
     cols = ["model", "layer", "M", "K", "N", "variant", "ms", "TFLOPs", "pct_ceiling", "speedup_vs_bf16",
             "rel_err", "sqnr_db"]

@@ -13,7 +13,7 @@ for stage in "$@"; do
   case $stage in
     tests) timeout 240 python3 -m pytest tests/quantization/test_triton_kernels.py -q -p no:cacheprovider --maxfail=30 \
              -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1; tail -5 "$OUT/pytest.txt";;
-    linear) timeout ${LINEAR_T:-150} python3 benchmarks/bench_linear.py --out "$OUT" > "$OUT/linear.log" 2>&1
+    linear) timeout ${LINEAR_T:-150} python3 benchmarks/bench_linear.py --out "$OUT" ${LINEAR_ARGS:-} > "$OUT/linear.log" 2>&1
             tail -3 "$OUT/linear.log";;
     eager) timeout ${EAGER_T:-200} python3 benchmarks/bench_transformer.py --tag eager --out "$OUT" \
              --variants ${EAGER_VARIANTS:-bf16 fp8 int8 ao-fp8 ao-int8} --profile ${PROFILE:-fp8} \
@@ -21,6 +21,10 @@ for stage in "$@"; do
     fused) timeout ${FUSED_T:-100} python3 benchmarks/bench_transformer.py --tag eager_fusedqkv --fuse-qkv --out "$OUT" \
              --variants ${FUSED_VARIANTS:-bf16 fp8 int8} --profile ${FUSED_PROFILE:-} \
              > "$OUT/fused.log" 2>&1; grep -E "^\{|Error|error" "$OUT/fused.log" | cut -c1-300 | tail -12;;
+    model) timeout ${MODEL_T:-300} python3 benchmarks/bench_transformer.py --tag ${MODEL_TAG:-final} --out "$OUT" \
+             --variants ${EAGER_VARIANTS:-bf16 fp8 int8 ao-fp8 ao-int8} --compile ${COMPILE_VARIANTS:-bf16 fp8 int8} \
+             --profile ${PROFILE:-fp8} > "$OUT/model.log" 2>&1
+           grep -E "^\{|Error|error" "$OUT/model.log" | cut -c1-330 | tail -14;;
     compile) timeout ${COMPILE_T:-400} python3 benchmarks/bench_transformer.py --tag compiled --out "$OUT" \
              --variants --compile ${COMPILE_VARIANTS:-bf16 fp8 int8 ao-fp8} > "$OUT/compile.log" 2>&1
              grep -E "^\{|Error|error" "$OUT/compile.log" | cut -c1-400 | tail -12;;

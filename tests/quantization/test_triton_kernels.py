@@ -138,9 +138,11 @@ def test_compile_fullgraph_traces_quantized_model_cpu(method, rng):
     torch.testing.assert_close(compiled(x, t), model(x, t), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("quant", ["inductor", "kernel"])
 @pytest.mark.parametrize("method", ["fp8", "int8"])
-def test_compile_fullgraph_traces_triton_custom_ops_cpu(method, rng):
+def test_compile_fullgraph_traces_triton_custom_ops_cpu(method, quant, rng, monkeypatch):
     """The triton backend's op path (custom ops, CPU reference impls) traces without graph breaks."""
+    monkeypatch.setattr(triton_ops, "COMPILED_QUANT", quant)
     model = _Block().to(torch.bfloat16)
     quantize_(model, method)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -189,6 +191,26 @@ def test_quantize_kernel_strided_rows(fmt, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_cached_launches_stay_exact(fmt, rng):
+    """The first call launches through Triton, later ones through the cached compiled kernel
+    (triton_launch): every call must still be exact / in budget on fresh inputs."""
+    require_cuda((8, 9) if fmt == "fp8" else (8, 0))
+    from diffquant.quantization.kernels import triton_gemm, triton_quant
+
+    w = (torch.randn(256, 512, generator=rng) / 512**0.5).cuda()
+    wq, ws = REF[fmt](w)
+    b = torch.randn(256, generator=rng).to(torch.bfloat16).cuda()
+    for _ in range(4):
+        x = _rows(96, 512, rng, torch.bfloat16, "cuda")
+        q, s = triton_quant.quantize_per_token(x, fmt)
+        _check_bit_exact(x, fmt, q, s)
+        xn = (torch.randn(96, 512, generator=rng) * 2).to(torch.bfloat16).cuda()
+        xq, xs = REF[fmt](xn)
+        _check_budget(triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b), xq, xs, wq, ws, b)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("m", [1, 7, 113, 4224])
 @pytest.mark.parametrize("k,n", [(3072, 3072), (160, 272), (3072, 12288)])
@@ -202,7 +224,6 @@ def test_w8a8_gemm_within_budget(fmt, m, k, n, bias, rng):
     b = torch.randn(n, generator=rng).to(torch.bfloat16).cuda() if bias else None
     xq, xs = REF[fmt](x)
     wq, ws = REF[fmt](w)
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     out = triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b, torch.bfloat16)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     _check_budget(out, xq, xs, wq, ws, b)

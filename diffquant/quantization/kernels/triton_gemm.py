@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffquant.quantization.kernels.triton_launch import LaunchCache, spec_key
+
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
@@ -36,6 +38,8 @@ _SMALL_M_CONFIGS = [
     _cfg(64, 128, 128, 4, 4, 1),
 ]
 _SMALL_M = 64
+_TUNED: dict[tuple, tuple] = {}  # (small, M bucket, N, K, arg spec) -> (constexprs, num_warps, num_stages)
+_LAUNCHES = LaunchCache()
 
 
 def _m_bucket(m: int) -> int:
@@ -122,14 +126,22 @@ def w8a8_scaled_mm(
         return out
     sa = x_scale.reshape(-1).float().expand(m).contiguous() if x_scale.numel() == 1 else x_scale.reshape(m)
     sb = w_scale.reshape(-1).float().expand(n).contiguous() if w_scale.numel() == 1 else w_scale.reshape(n)
-    kernel = _mm_small if m <= _SMALL_M else _mm_large
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    kernel[grid](
-        xq, wq, out, sa, sb, bias if bias is not None else sb,
-        m, n, k, xq.stride(0), wq.stride(0), out.stride(0), _m_bucket(m),
-        HAS_BIAS=bias is not None, IS_INT8=xq.dtype == torch.int8,
-    )
+    small = m <= _SMALL_M
+    kernel = _mm_small if small else _mm_large
+    args = (xq, wq, out, sa, sb, bias if bias is not None else sb, m, n, k, xq.stride(0), wq.stride(0),
+            out.stride(0), _m_bucket(m), bias is not None, xq.dtype == torch.int8)
+    key = (small, _m_bucket(m), n, k, spec_key(args))
+    tuned = _TUNED.get(key)
+    if tuned is None:  # first call for this shape class: autotune through Triton, remember the winner
+        kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args)
+        best = kernel.best_config
+        c = best.kwargs
+        consts = (k % c["BLOCK_K"] == 0, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"])
+        _TUNED[key] = (consts, best.num_warps, best.num_stages)
+        return out
+    consts, warps, stages = tuned
+    grid = (triton.cdiv(m, consts[1]) * triton.cdiv(n, consts[2]), 1, 1)
+    full = args + consts  # positional, in the kernel's signature order (EVEN_K, BLOCK_M, ...)
+    _LAUNCHES.launch(key, grid, full, xq.device,
+                     lambda: _w8a8_mm_kernel[grid](*full, num_warps=warps, num_stages=stages))
     return out

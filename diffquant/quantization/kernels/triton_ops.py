@@ -19,8 +19,13 @@ import torch
 
 from diffquant.quantization import numerics as nx
 
-# Which GEMM runs FP8 W8A8 in the triton backend: "scaled_mm" (cuBLASLt) or "triton" (ours).
+# Which GEMM runs FP8 W8A8 in the triton backend: "scaled_mm" (cuBLASLt, measured faster at every
+# benchmarks/bench_linear.py shape) or "triton" (ours).
 FP8_GEMM = "scaled_mm"
+# Under torch.compile, who quantizes activations: "inductor" (reference numerics as torch ops, fused
+# into the producer; inductor's generated division may differ from IEEE in the last bit, so rare
+# values can land one fp8/int8 step away from eager) or "kernel" (our bit-exact custom op).
+COMPILED_QUANT = "inductor"
 
 
 @functools.cache
@@ -111,9 +116,16 @@ def _scaled_mm_fp8(xq, xs, w_t, sb, bias, out_dtype):
 
 
 def _triton_linear_traced(layer, x2d: torch.Tensor) -> torch.Tensor:
-    """Under torch.compile: the custom ops (opaque to inductor, no graph breaks)."""
+    """Under torch.compile. With COMPILED_QUANT == "inductor" the activation quantization is the
+    reference numerics in plain torch ops, so inductor fuses it into the kernel that produces x
+    (norm + modulation) and shares it between the linears that read the same x (q, k, v); with
+    "kernel" it is our custom op (opaque to inductor). The GEMM is torch._scaled_mm (fp8) or the
+    custom op. No graph breaks either way."""
     fmt = layer.scheme.method
-    xq, xs = torch.ops.diffquant.quantize_per_token(x2d, fmt)
+    if COMPILED_QUANT == "inductor":
+        xq, xs = _quant_ref(x2d, fmt)
+    else:
+        xq, xs = torch.ops.diffquant.quantize_per_token(x2d, fmt)
     if fmt == "fp8" and FP8_GEMM == "scaled_mm" and x2d.is_cuda:
         n, ws = layer.out_features, layer.weight_scale
         sb = ws.float().reshape(1, 1).expand(1, n).contiguous() if ws.numel() == 1 else ws.view(1, n)

@@ -24,8 +24,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from diffquant.quantization.kernels.triton_launch import LaunchCache, spec_key
+
 FP8_MAX = 448.0
 INT8_MAX = 127.0
+_LAUNCHES = LaunchCache()
 _MAX_ROW_BLOCK = 16384  # rows up to this many elements stay in registers (one read of x)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for debugging without a GPU) has no libdevice.rint;
 # there, round half to even by adding and subtracting 1.5 * 2^23 (exact for |y| <= 127).
@@ -121,13 +124,11 @@ def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None,
     r, w, block = _launch_config(k)
     if block <= _MAX_ROW_BLOCK:
         r, w = rows or r, warps or w
-        _quant_rows_kernel[(triton.cdiv(m, r),)](
-            x, q, scale, m, k, x.stride(0), q.stride(0),
-            QMAX=qmax, IS_INT8=is_int8, ROWS=r, BLOCK_K=block, RINT=_RINT, num_warps=w,
-        )
+        kernel, grid = _quant_rows_kernel, (triton.cdiv(m, r), 1, 1)
+        args = (x, q, scale, m, k, x.stride(0), q.stride(0), qmax, is_int8, r, block, _RINT)
     else:
-        _quant_long_rows_kernel[(m,)](
-            x, q, scale, m, k, x.stride(0), q.stride(0),
-            QMAX=qmax, IS_INT8=is_int8, BLOCK_K=4096, RINT=_RINT, num_warps=warps or 8,
-        )
+        kernel, grid, w = _quant_long_rows_kernel, (m, 1, 1), warps or 8
+        args = (x, q, scale, m, k, x.stride(0), q.stride(0), qmax, is_int8, 4096, _RINT)
+    _LAUNCHES.launch((kernel, w, spec_key(args)), grid, args, x.device,
+                     lambda: kernel[grid](*args, num_warps=w))
     return q, scale
