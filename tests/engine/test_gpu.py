@@ -20,7 +20,8 @@ def test_engine_fp8_on_cuda_with_fp8_text_encoders_and_vae(tiny_pipeline):
     out = engine.generate("a red circle", sampling_for("flux1-dev"))
     assert len(out.images) == 1 and out.peak_memory_kind.startswith("cuda")
     print(engine.summary(), out.timings, out.quantization["transformer"].backends)
-    assert out.quantization["transformer"].backends.get("scaled_mm", 0) > 0
+    backends = out.quantization["transformer"].backends
+    assert backends.get("triton", 0) + backends.get("scaled_mm", 0) > 0, backends  # FP8 tensor cores, not emulated
 
 
 @pytest.mark.gpu
@@ -47,4 +48,4 @@ def test_weight_storage_forward_peak_on_cuda():
     print(f"bf16 {bf16_bytes / 2**20:.0f} MiB, fp8 {fp8_bytes / 2**20:.0f} MiB, forward peak above the fp8 "
           f"footprint {peak_extra / 2**20:.0f} MiB (largest layer {largest / 2**20:.0f} MiB)")
     assert peak_extra <= largest + activations + slack
-    assert fp8_bytes + peak_extra < 0.7 * bf16_bytes
+    assert fp8_bytes + peak_extra < 0.75 * bf16_bytes  # 0.5 (fp8) + 1/6 (one of six layers) + slack
