@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,14 @@ _PARAM_TO_KWARG = {"num_inference_steps": "num_inference_steps", "guidance_scale
 class Engine:
     """A quantized diffusers pipeline.
 
-    model: a local diffusers pipeline folder (model_index.json). quantization: a method name
-    ("fp8", "int8", ...) applied to the diffusion transformer(s). quantization_config: anything
-    `build_quant_config` accepts, including per-component dicts
-    ({"transformer": {...}, "text_encoder": "fp8", "vae": None, "default": ...}).
+    model: a local diffusers pipeline folder (model_index.json); None is reserved for the embedded
+    model (not shipped yet: a clear error). quantization: a method name ("fp8", "int8", ...) applied
+    to the diffusion transformer(s). quantization_config: anything `build_quant_config` accepts:
+    method params ({"method": "fp8", "ignored_layers": ["img_mlp"]}, or params alone beside
+    `quantization`), or a per-component dict ({"transformer": {...}, "text_encoder": "fp8",
+    "vae": None, "default": ...}) where text encoders / VAEs take "fp8" (FP8 weight-only storage) and
+    "default" covers the diffusion transformers not named. The transformers are quantized layer by
+    layer while they move to `device` (default: cuda if available), so no full bf16 copy lands there.
     """
 
     def __init__(self, model: str | Path | None = None, quantization: str | None = None,
@@ -204,10 +208,6 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine({str(self.info.folder)!r}, profile={self.profile.name}, {self.summary()})"
-
-
-def sampling_fields() -> list[str]:
-    return [f.name for f in fields(SamplingParams)]
 
 
 __all__ = ["Engine", "GenerationOutput", "SamplingParams"]

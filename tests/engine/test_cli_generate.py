@@ -77,3 +77,13 @@ def test_quantization_config_from_file(tiny_pipeline, tmp_path, capsys):
                "--steps", "2", "--height", "32", "--width", "32", "--quiet", "-o", str(out)])
     line = capsys.readouterr().out.strip()
     assert rc == 0 and "transformer int8" in line and "vae fp8_weight_storage" in line and out.exists()
+
+
+def test_video_saved_as_animated_gif(tiny_pipeline, tmp_path, capsys):
+    out = tmp_path / "clip.gif"
+    rc = main(["generate", "a red circle", "--model", str(tiny_pipeline("wan2.2-t2v-a14b")), "-q", "int8", "--steps",
+               "2", "--height", "16", "--width", "16", "--frames", "5", "--quiet", "-o", str(out)])
+    line = capsys.readouterr().out.strip()
+    assert rc == 0 and "transformer int8" in line and "transformer_2 int8" in line
+    with Image.open(out) as gif:
+        assert gif.n_frames == 5 and gif.size == (16, 16)
