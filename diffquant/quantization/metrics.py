@@ -21,3 +21,9 @@ def relative_l2(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     ref, cand = reference.double(), candidate.double()
     denom = ref.norm().item()
     return (ref - cand).norm().item() / denom if denom > 0 else math.inf
+
+
+def psnr_db(reference: torch.Tensor, candidate: torch.Tensor, peak: float = 255.0) -> float:
+    """PSNR of two images (uint8 scale by default); inf when identical."""
+    mse = (reference.double() - candidate.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)

@@ -1,0 +1,146 @@
+"""Train the embedded tiny text-to-image model (FLUX architecture) on procedural shape images.
+
+Seeded and self-contained: data is rendered on the device by diffquant.tiny.shapes, nothing is
+downloaded. Stage 1 trains the VAE (reconstruction + a small KL term), stage 2 trains the
+transformer and both text encoders jointly with the rectified-flow objective FLUX uses
+(x_t = (1 - s) x0 + s eps, predict eps - x0). The pipeline folder is written with save_pretrained.
+
+    python scripts/train_tiny_model.py --out diffquant/assets/tiny-flux          # on the H200
+    python scripts/train_tiny_model.py --out /tmp/t --vae-steps 5 --steps 5      # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffquant.tiny import shapes
+from diffquant.tiny.model import TEXT_LEN, components
+
+TRAIN_SEED = 1234  # the evaluation draws prompts with a different seed
+
+
+def _batch(n: int, g: torch.Generator, device) -> tuple[list[str], torch.Tensor]:
+    attrs = shapes.sample_attributes(n, g)
+    return [shapes.caption(a) for a in attrs], shapes.render(attrs, generator=g, device=device)
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(vae, steps: int, batch: int, g, device, log) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, 1e-3)
+        _, x = _batch(batch, g, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=None)).sample
+        loss = F.mse_loss(rec.float(), x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.5f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def set_latent_stats(vae, g, device) -> None:
+    _, x = _batch(512, g, device)
+    z = vae.encode(x).latent_dist.mean
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+
+
+def train_flow(pipe, steps: int, batch: int, g, device, log, max_seconds: float | None = None) -> int:
+    """Returns the number of steps run: with max_seconds, the step count is cut after 50 timed
+    steps so that the run (and its cosine schedule) fits; rerun with --steps N to reproduce."""
+    from diffusers import FluxPipeline
+
+    vae, tr = pipe.vae, pipe.transformer
+    params = [*tr.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    for m in (tr, pipe.text_encoder, pipe.text_encoder_2):
+        m.train()
+    side = shapes.IMAGE_SIZE // 4  # latent side
+    img_ids = FluxPipeline._prepare_latent_image_ids(batch, side // 2, side // 2, device, torch.float32)
+    step, t_start = 0, time.perf_counter()
+    while step < steps:
+        if max_seconds is not None and step == 50:
+            per_step = (time.perf_counter() - t_start) / 50
+            steps = min(steps, int(max_seconds / per_step))
+            log(f"{per_step * 1e3:.1f} ms/step: running {steps} steps")
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, 5e-4)
+        captions, x = _batch(batch, g, device)
+        captions = ["" if torch.rand((), generator=g) < 0.1 else c for c in captions]  # for CFG
+        with torch.no_grad():
+            x0 = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        sigma = torch.sigmoid(torch.randn(batch, generator=g)).to(device)  # logit-normal timesteps
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            emb, pooled, txt_ids = pipe.encode_prompt(captions, None, device=device, max_sequence_length=TEXT_LEN)
+            pred = tr(hidden_states=FluxPipeline._pack_latents(xt, batch, 4, side, side), timestep=sigma,
+                      pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
+                      return_dict=False)[0]
+        target = FluxPipeline._pack_latents(noise - x0, batch, 4, side, side)
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 500 == 0 or step == steps - 1:
+            log(f"flow step {step} loss {loss.item():.5f}")
+        step += 1
+    for m in (tr, pipe.text_encoder, pipe.text_encoder_2):
+        m.eval()
+    return steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--vae-steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=TRAIN_SEED)
+    ap.add_argument("--max-flow-seconds", type=float, default=None, help="cut --steps to fit this time")
+    args = ap.parse_args()
+
+    from diffusers import FluxPipeline
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+    pipe = FluxPipeline(**components(args.seed)).to(device)
+    train_vae(pipe.vae, args.vae_steps, 64, g, device, log)
+    set_latent_stats(pipe.vae, g, device)
+    log(f"latent shift {pipe.vae.config.shift_factor:.4f} scale {pipe.vae.config.scaling_factor:.4f}")
+    for p in pipe.vae.parameters():
+        p.requires_grad_(False)
+    steps_run = train_flow(pipe, args.steps, args.batch, g, device, log, args.max_flow_seconds)
+    out = Path(args.out)
+    pipe.to("cpu").save_pretrained(out, safe_serialization=True)
+    meta = {"seed": args.seed, "vae_steps": args.vae_steps, "steps": steps_run, "batch": args.batch,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "train_seconds": round(time.perf_counter() - t0, 1)}
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
