@@ -46,6 +46,7 @@ def byte_tokenizer(model_max_length: int = 77, bos: bool = False):
 
 VOCAB = len(_SPECIALS) + 256
 EOS_ID = _SPECIALS.index("</s>")
+BOS_ID = _SPECIALS.index("<s>")
 PAD_ID = 0
 
 
@@ -91,7 +92,7 @@ def _qwen25_vl(hidden: int = 16):
     text = dict(hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=2048,
                 rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                rope_theta=1000000.0, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+                rope_theta=1000000.0, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=BOS_ID)
     vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden)
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=VOCAB, hidden_size=hidden,
                            vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 2, image_token_id=VOCAB - 1,
@@ -165,6 +166,42 @@ def build_flux2_klein() -> dict:
                 tokenizer=byte_tokenizer(2048), transformer=transformer, is_distilled=True)
 
 
+def build_hunyuanimage() -> dict:
+    """HunyuanImage-2.1: Qwen2.5-VL + ByT5-style T5 text encoders, HunyuanImage VAE (32x spatial)."""
+    from diffusers import AutoencoderKLHunyuanImage, HunyuanImagePipeline, HunyuanImageTransformer2DModel
+
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=32, rope_axes_dim=(8, 8))
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                                    layers_per_block=1, spatial_compression_ratio=2, sample_size=32, scaling_factor=1.0)
+    return dict(cls=HunyuanImagePipeline, scheduler=_flow_scheduler(), vae=vae, text_encoder=_qwen25_vl(),
+                tokenizer=byte_tokenizer(2048), text_encoder_2=_t5(), tokenizer_2=byte_tokenizer(128),
+                transformer=transformer, guider=None, ocr_guider=None)
+
+
+def build_hunyuanvideo15() -> dict:
+    """HunyuanVideo-1.5 T2V: Qwen2.5-VL text model + ByT5-style T5, HunyuanVideo-1.5 VAE, CFG guider."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import Qwen2_5_VLTextModel
+
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_refiner_layers=1,
+        text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v",
+        target_size=32)
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+                                      spatial_compression_ratio=2, temporal_compression_ratio=2, scaling_factor=1.0)
+    text_encoder = Qwen2_5_VLTextModel(_qwen25_vl().config.text_config)
+    return dict(cls=HunyuanVideo15Pipeline, scheduler=_flow_scheduler(), vae=vae, text_encoder=text_encoder,
+                tokenizer=byte_tokenizer(2048), text_encoder_2=_t5(), tokenizer_2=byte_tokenizer(256),
+                transformer=transformer, guider=ClassifierFreeGuidance(guidance_scale=3.0))
+
+
 def _wan_transformer(in_channels: int = 16):
     from diffusers import WanTransformer3DModel
 
@@ -193,6 +230,8 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "flux2-klein": build_flux2_klein,
     "qwen-image": build_qwen_image,
     "z-image": build_z_image,
+    "hunyuanimage": build_hunyuanimage,
+    "hunyuanvideo-1.5": build_hunyuanvideo15,
     "wan2.2-t2v-a14b": lambda: build_wan22(True),
     "wan2.2-t2v-single": lambda: build_wan22(False),
 }

@@ -13,7 +13,7 @@ VIDEO_PARAMS = dict(num_inference_steps=2, height=16, width=16, num_frames=5, se
 
 
 def sampling_for(name: str, **overrides) -> SamplingParams:
-    base = VIDEO_PARAMS if name.startswith("wan") else IMAGE_PARAMS
+    base = VIDEO_PARAMS if name.startswith(("wan", "hunyuanvideo")) else IMAGE_PARAMS
     return SamplingParams(**{**base, **overrides})
 
 
