@@ -53,8 +53,8 @@ def quantization_summary(reports: dict[str, QuantizeReport]) -> str:
 def generation_summary(reports: dict[str, QuantizeReport], out, elapsed: float, saved: list[Path]) -> str:
     """The CLI's one line: method, layers quantized/kept, weight memory before -> after, time, files."""
     t = out.timings
-    steps = int(t.get("steps", 0))
+    steps = f" ({int(t['steps'])} steps)" if "steps" in t else ""
     peak = f"; peak {_mib(out.peak_memory_bytes)} ({out.peak_memory_kind})" if out.peak_memory_bytes else ""
     where = saved[0] if len(saved) == 1 else f"{len(saved)} files ({saved[0]} ...)"
     return (f"{quantization_summary(reports)}; load+quantize {t.get('load_s', 0) + t.get('quantize_s', 0):.1f}s, "
-            f"generate {t.get('generate_s', 0):.1f}s ({steps} steps), total {elapsed:.1f}s{peak}; saved {where}")
+            f"generate {t.get('generate_s', 0):.1f}s{steps}, total {elapsed:.1f}s{peak}; saved {where}")
