@@ -22,10 +22,11 @@ from diffquant.quantization import numerics as nx
 # Which GEMM runs FP8 W8A8 in the triton backend: "scaled_mm" (cuBLASLt, measured faster at every
 # benchmarks/bench_linear.py shape) or "triton" (ours).
 FP8_GEMM = "scaled_mm"
-# Under torch.compile, who quantizes activations: "inductor" (reference numerics as torch ops, fused
-# into the producer; inductor's generated division may differ from IEEE in the last bit, so rare
-# values can land one fp8/int8 step away from eager) or "kernel" (our bit-exact custom op).
-COMPILED_QUANT = "inductor"
+# Under torch.compile, who quantizes activations: "kernel" (our bit-exact custom op; measured on the
+# H200) or "inductor" (reference numerics as torch ops, fused into the producer and shared by q/k/v;
+# inductor's generated division may differ from IEEE in the last bit, so rare values can land one
+# fp8/int8 step away from eager; traced on CPU, NOT yet timed or checked on a GPU).
+COMPILED_QUANT = "kernel"
 
 
 @functools.cache
