@@ -202,6 +202,17 @@ def build_hunyuanvideo15() -> dict:
                 transformer=transformer, guider=ClassifierFreeGuidance(guidance_scale=3.0))
 
 
+def build_pixart_sigma() -> dict:
+    """PixArt-Sigma: an architecture without a diffquant profile (generic defaults)."""
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=32, caption_channels=32, sample_size=16, norm_num_groups=4)
+    return dict(cls=PixArtSigmaPipeline, scheduler=DDIMScheduler(), vae=_image_vae(4), text_encoder=_t5(),
+                tokenizer=byte_tokenizer(300), transformer=transformer)
+
+
 def _wan_transformer(in_channels: int = 16):
     from diffusers import WanTransformer3DModel
 
@@ -232,6 +243,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "z-image": build_z_image,
     "hunyuanimage": build_hunyuanimage,
     "hunyuanvideo-1.5": build_hunyuanvideo15,
+    "pixart-sigma": build_pixart_sigma,
     "wan2.2-t2v-a14b": lambda: build_wan22(True),
     "wan2.2-t2v-single": lambda: build_wan22(False),
 }

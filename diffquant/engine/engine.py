@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from diffquant.engine.loading import (
     resolve_quant_spec,
 )
 from diffquant.quantization.report import QuantizeReport
+
+logger = logging.getLogger("diffquant")
 
 
 @dataclass
@@ -108,6 +111,10 @@ class Engine:
         self._sync()
         self.timings["quantize_s"] = time.perf_counter() - start
         self.pipe.set_progress_bar_config(disable=True)
+        logger.info("%s (load %.1fs, quantize %.1fs)", self.summary(), self.timings["load_s"],
+                    self.timings["quantize_s"])
+        for hint in self.hints():
+            logger.info(hint)
         if compile:
             for name in self.info.transformers:
                 getattr(self.pipe, name).compile()

@@ -65,9 +65,9 @@ HUNYUAN_KEEP = ("x_embedder", "image_embedder", "context_embedder", "context_emb
                 FINAL_PROJ)
 COSMOS_KEEP = ("patch_embed", "time_embed", "time_embedder", "norm1", "norm2", "norm3", "norm_out",
                "crossattn_proj", "img_context_proj", "proj_in", "lm_head", FINAL_PROJ)
-GENERIC_KEEP = ("*modulation*", "*_mod", "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out",
-                "time_text_embed", "time_embed*", "t_embedder", "timestep_embedder", "x_embedder",
-                "context_embedder", "patch_embed*", "condition_embedder", FINAL_PROJ)
+# Unknown architectures: common names of modulation (AdaLN), embedders and the output head.
+GENERIC_KEEP = ("*modulation*", "*_mod", "adaln*", "adaLN*", "norm1.linear", "norm1_context.linear", "norm.linear",
+                "norm_out", "*embed*", "caption_projection", "condition_embedder", FINAL_PROJ)
 
 
 def _flux_guidance(index: dict, tcfg: dict) -> bool:

@@ -159,3 +159,17 @@ def test_broken_model_index(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="no diffusion transformer component"):
         Engine(model=tmp_path, quantization="fp8")
+
+
+def test_unknown_architecture_runs_with_generic_defaults_and_one_warning(tiny_pipeline):
+    folder = tiny_pipeline("pixart-sigma")  # PixArt-Sigma: no diffquant profile
+    with pytest.warns(UserWarning, match="no architecture profile for PixArtSigmaPipeline") as record:
+        engine = Engine(model=folder, quantization="fp8")
+    assert len([w for w in record if "architecture profile" in str(w.message)]) == 1
+    assert engine.profile.name == "generic"
+    report = engine.reports["transformer"]
+    kept = {r.name for r in report.kept}
+    assert {"adaln_single.linear", "caption_projection.linear_1", "proj_out"} <= kept
+    assert "transformer_blocks.0.attn1.to_q" in {r.name for r in report.quantized}
+    out = engine.generate("a red circle", sampling_for("pixart-sigma"), use_resolution_binning=False)
+    assert out.images[0].size == (32, 32)
