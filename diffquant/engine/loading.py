@@ -125,12 +125,22 @@ def quantize_component(name: str, module: nn.Module, cfg: QuantizationConfig, in
     if name in info.transformers:
         report = quantize_(module, cfg, keep_high_precision=info.profile.keep_high_precision, device=device)
     elif cfg.method == "fp8":
+        _check_storage_params(name, cfg)
         report = apply_fp8_weight_storage(module, ignored_layers=cfg.ignored_layers)
     else:
         raise ValueError(f"component {name!r}: text encoders, VAEs and other non-transformer components support "
                          f"only 'fp8' (FP8 weight-only storage), got {cfg.method!r}")
     module.to(device)
     return report
+
+
+def _check_storage_params(name: str, cfg: QuantizationConfig) -> None:
+    """FP8 weight storage has one recipe (DESIGN numerics); W8A8 parameters there would be silently unused."""
+    plain = build_quant_config({"method": "fp8", "ignored_layers": list(cfg.ignored_layers)})
+    changed = [k for k, v in cfg.to_dict().items() if plain.to_dict().get(k) != v]
+    if changed:
+        raise ValueError(f"component {name!r}: fp8 weight-only storage takes only ignored_layers; "
+                         f"{changed[0]}={getattr(cfg, changed[0])!r} applies to diffusion transformers")
 
 
 def check_plan_modules(plan: dict[str, QuantizationConfig], pipe) -> None:

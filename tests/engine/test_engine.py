@@ -132,6 +132,9 @@ def test_errors_are_clear_one_liners(tiny_pipeline, tmp_path):
         Engine(model=folder, quantization_config={"tokenizer": "fp8"})
     with pytest.raises(ValueError, match="only 'fp8'"):
         Engine(model=folder, quantization_config={"vae": "int8"})
+    with pytest.raises(ValueError, match="fp8 weight-only storage takes only ignored_layers; activation_scheme"):
+        Engine(model=folder, quantization_config={"text_encoder": {"method": "fp8", "activation_scheme": "static",
+                                                                   "input_scales": {"x": 1.0}}})
     with pytest.raises(ValueError, match="disagrees"):
         Engine(model=folder, quantization="int8", quantization_config={"method": "fp8"})
     with pytest.raises(NotImplementedError, match="cache_backend"):
