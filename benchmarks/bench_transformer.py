@@ -75,7 +75,60 @@ def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512) -> 
     )
 
 
-SPECS = {"flux1-dev": flux_spec}
+def qwen_image_spec(height: int = 1328, width: int = 1328, text_tokens: int = 256, **overrides) -> dict:
+    """Qwen-Image (20B, 60 dual-stream blocks) at its default 1328^2: 6889 image tokens."""
+    from diffusers import QwenImageTransformer2DModel
+
+    cfg = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+    cfg.update(overrides)
+    h, w = height // 16, width // 16
+
+    def inputs(dev):
+        g = torch.Generator(device=dev).manual_seed(1)
+        bf = torch.bfloat16
+        return dict(
+            hidden_states=torch.randn(1, h * w, cfg["in_channels"], device=dev, generator=g).to(bf),
+            encoder_hidden_states=torch.randn(1, text_tokens, cfg["joint_attention_dim"], device=dev,
+                                              generator=g).to(bf),
+            encoder_hidden_states_mask=torch.ones(1, text_tokens, device=dev, dtype=torch.long),
+            timestep=torch.tensor([0.5], device=dev, dtype=bf), img_shapes=[[(1, h, w)]], return_dict=False,
+        )
+
+    last = cfg["num_layers"] - 1
+    return dict(build=lambda: QwenImageTransformer2DModel(**cfg), inputs=inputs, blocks=("transformer_blocks",),
+                sqnr_blocks=("transformer_blocks.0", f"transformer_blocks.{last}"), keep=keep_patterns("qwen-image"),
+                shape=f"{height}x{width}, {h * w} image + {text_tokens} text tokens")
+
+
+def wan22_spec(frames: int = 81, height: int = 480, width: int = 832, text_tokens: int = 512, **overrides) -> dict:
+    """One Wan2.2-A14B expert (14B, 40 blocks) at 480p x 81 frames: 32760 video tokens."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    cfg.update(overrides)
+    t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8  # Wan VAE: 4x time, 8x space
+
+    def inputs(dev):
+        g = torch.Generator(device=dev).manual_seed(1)
+        bf = torch.bfloat16
+        return dict(
+            hidden_states=torch.randn(1, cfg["in_channels"], t, h, w, device=dev, generator=g).to(bf),
+            timestep=torch.tensor([500.0], device=dev),
+            encoder_hidden_states=torch.randn(1, text_tokens, cfg["text_dim"], device=dev, generator=g).to(bf),
+            return_dict=False,
+        )
+
+    last = cfg["num_layers"] - 1
+    tokens = t * (h // 2) * (w // 2)
+    return dict(build=lambda: WanTransformer3DModel(**cfg), inputs=inputs, blocks=("blocks",),
+                sqnr_blocks=("blocks.0", f"blocks.{last}"), keep=keep_patterns("wan2.2-a14b"),
+                shape=f"{frames}x{height}x{width}, {tokens} video tokens + {text_tokens} text tokens")
+
+
+SPECS = {"flux1-dev": flux_spec, "qwen-image": qwen_image_spec, "wan2.2-a14b": wan22_spec}
 
 
 def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...]) -> str:

@@ -21,7 +21,8 @@ for stage in "$@"; do
     fused) timeout ${FUSED_T:-100} python3 benchmarks/bench_transformer.py --tag eager_fusedqkv --fuse-qkv --out "$OUT" \
              --variants ${FUSED_VARIANTS:-bf16 fp8 int8} --profile ${FUSED_PROFILE:-} \
              > "$OUT/fused.log" 2>&1; grep -E "^\{|Error|error" "$OUT/fused.log" | cut -c1-300 | tail -12;;
-    model) timeout ${MODEL_T:-300} python3 benchmarks/bench_transformer.py --tag ${MODEL_TAG:-final} --out "$OUT" \
+    model) timeout ${MODEL_T:-300} python3 benchmarks/bench_transformer.py --model ${MODEL_NAME:-flux1-dev} --reps ${REPS:-10} \
+             --tag ${MODEL_TAG:-final} --out "$OUT" \
              --variants ${EAGER_VARIANTS:-bf16 fp8 int8 ao-fp8 ao-int8} --compile ${COMPILE_VARIANTS:-bf16 fp8 int8} \
              --profile ${PROFILE:-fp8} > "$OUT/model.log" 2>&1
            grep -E "^\{|Error|error" "$OUT/model.log" | cut -c1-330 | tail -14;;
