@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, linear benchmark, transformer benchmark. Usage (from the repo root,
 # with the wheels of /work/shared/gpu-wheels.sh in .whl/):  bash benchmarks/gpu_session.sh STAGES...
-# STAGES: tests linear eager compile ; outputs go to $OUT (or ./out).
+# STAGES: tests linear eager fused model compile (env vars tune each; see the case below); outputs go to $OUT.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
