@@ -19,8 +19,8 @@ import torch
 
 from diffquant.quantization import numerics as nx
 
-# Which GEMM runs FP8 W8A8 in the triton backend: "scaled_mm" (cuBLASLt, measured faster at every
-# benchmarks/bench_linear.py shape) or "triton" (ours).
+# Which GEMM runs FP8 W8A8 in the triton backend: "scaled_mm" (cuBLASLt: as fast or faster than ours at
+# all but one benchmarks/bench_linear.py shape, 2-40% at 3072-wide layers) or "triton" (ours).
 FP8_GEMM = "scaled_mm"
 # Under torch.compile, who quantizes activations: "kernel" (our bit-exact custom op; measured on the
 # H200) or "inductor" (reference numerics as torch ops, fused into the producer and shared by q/k/v;
