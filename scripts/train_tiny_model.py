@@ -24,6 +24,7 @@ from diffquant.tiny import shapes
 from diffquant.tiny.model import TEXT_LEN, components
 
 TRAIN_SEED = 1234  # the evaluation draws prompts with a different seed
+AUTOCAST = False  # fp32 (+TF32 on CUDA): bf16 autocast hit CUBLAS_STATUS_EXECUTION_FAILED in backward on the H200
 
 
 def _batch(n: int, g: torch.Generator, device) -> tuple[list[str], torch.Tensor]:
@@ -44,7 +45,7 @@ def train_vae(vae, steps: int, batch: int, g, device, log) -> None:
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, 1e-3)
         _, x = _batch(batch, g, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample(generator=None)).sample
         loss = F.mse_loss(rec.float(), x) + 1e-6 * post.kl().mean()
@@ -63,14 +64,14 @@ def set_latent_stats(vae, g, device) -> None:
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
 
 
-def train_flow(pipe, steps: int, batch: int, g, device, log, max_seconds: float | None = None) -> int:
+def train_flow(pipe, steps: int, batch: int, g, device, log, max_seconds: float | None = None, lr: float = 5e-4) -> int:
     """Returns the number of steps run: with max_seconds, the step count is cut after 50 timed
     steps so that the run (and its cosine schedule) fits; rerun with --steps N to reproduce."""
     from diffusers import FluxPipeline
 
     vae, tr = pipe.vae, pipe.transformer
     params = [*tr.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     for m in (tr, pipe.text_encoder, pipe.text_encoder_2):
         m.train()
     side = shapes.IMAGE_SIZE // 4  # latent side
@@ -82,7 +83,7 @@ def train_flow(pipe, steps: int, batch: int, g, device, log, max_seconds: float 
             steps = min(steps, int(max_seconds / per_step))
             log(f"{per_step * 1e3:.1f} ms/step: running {steps} steps")
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, 5e-4)
+            group["lr"] = _lr(step, steps, lr)
         captions, x = _batch(batch, g, device)
         captions = ["" if torch.rand((), generator=g) < 0.1 else c for c in captions]  # for CFG
         with torch.no_grad():
@@ -90,11 +91,17 @@ def train_flow(pipe, steps: int, batch: int, g, device, log, max_seconds: float 
         sigma = torch.sigmoid(torch.randn(batch, generator=g)).to(device)  # logit-normal timesteps
         noise = torch.randn(x0.shape, generator=g).to(device)
         xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
             emb, pooled, txt_ids = pipe.encode_prompt(captions, None, device=device, max_sequence_length=TEXT_LEN)
-            pred = tr(hidden_states=FluxPipeline._pack_latents(xt, batch, 4, side, side), timestep=sigma,
-                      pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
-                      return_dict=False)[0]
+            pred = tr(
+                hidden_states=FluxPipeline._pack_latents(xt, batch, 4, side, side),
+                timestep=sigma,
+                pooled_projections=pooled,
+                encoder_hidden_states=emb,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
         target = FluxPipeline._pack_latents(noise - x0, batch, 4, side, side)
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
@@ -116,28 +123,43 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=TRAIN_SEED)
+    ap.add_argument("--init", default=None, help="continue from this pipeline folder (VAE kept as is)")
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--max-flow-seconds", type=float, default=None, help="cut --steps to fit this time")
     args = ap.parse_args()
 
     from diffusers import FluxPipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
-    pipe = FluxPipeline(**components(args.seed)).to(device)
-    train_vae(pipe.vae, args.vae_steps, 64, g, device, log)
-    set_latent_stats(pipe.vae, g, device)
+    if args.init:
+        pipe = FluxPipeline.from_pretrained(args.init, torch_dtype=torch.float32).to(device)
+    else:
+        pipe = FluxPipeline(**components(args.seed)).to(device)
+        train_vae(pipe.vae, args.vae_steps, 64, g, device, log)
+        set_latent_stats(pipe.vae, g, device)
     log(f"latent shift {pipe.vae.config.shift_factor:.4f} scale {pipe.vae.config.scaling_factor:.4f}")
     for p in pipe.vae.parameters():
         p.requires_grad_(False)
-    steps_run = train_flow(pipe, args.steps, args.batch, g, device, log, args.max_flow_seconds)
+    steps_run = train_flow(pipe, args.steps, args.batch, g, device, log, args.max_flow_seconds, args.lr)
     out = Path(args.out)
     pipe.to("cpu").save_pretrained(out, safe_serialization=True)
-    meta = {"seed": args.seed, "vae_steps": args.vae_steps, "steps": steps_run, "batch": args.batch,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "train_seconds": round(time.perf_counter() - t0, 1)}
+    previous = json.loads((Path(args.init) / "training.json").read_text()) if args.init else None
+    meta = {
+        "previous_stage": previous,
+        "lr": args.lr,
+        "seed": args.seed,
+        "vae_steps": 0 if args.init else args.vae_steps,
+        "steps": steps_run,
+        "batch": args.batch,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+    }
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     log(f"saved {out}")
 

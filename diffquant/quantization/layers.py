@@ -34,7 +34,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("input_scale", input_scale)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._backends: dict[str, tuple[str, str]] = {}
+        self._backends: dict[torch.device, tuple[str, str]] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: LinearScheme, backend: str = "auto",
@@ -51,10 +51,10 @@ class QuantLinear(nn.Module):
 
     def backend_for(self, device: torch.device) -> tuple[str, str]:
         """(backend name, reason) for running on `device`; resolved once per device."""
-        key = str(device)
-        if key not in self._backends:
-            self._backends[key] = select_backend(self.scheme, self.backend_request, device)
-        return self._backends[key]
+        choice = self._backends.get(device)
+        if choice is None:
+            choice = self._backends[device] = select_backend(self.scheme, self.backend_request, device)
+        return choice
 
     @property
     def backend(self) -> str:

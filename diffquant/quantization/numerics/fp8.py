@@ -15,7 +15,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
-def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+def scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """amax / qmax, IEEE-rounded on every device (1 for amax 0). The divisor is a tensor on purpose:
     CUDA turns division by a Python scalar into a multiply by its rounded reciprocal, which is off by
     one ulp for some amax, so CPU and CUDA scales (and the quantized values) would differ."""
@@ -30,7 +30,7 @@ def fp8_cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [..] -> (q: [..] fp8, scale: [] float32)."""
-    scale = _scale_from_amax(x.abs().amax(), FP8_MAX)
+    scale = scale_from_amax(x.abs().amax(), FP8_MAX)
     return fp8_cast(x, scale), scale
 
 
@@ -39,7 +39,7 @@ def fp8_quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     x: [M, K] -> (q: [M, K] fp8, scale: [M, 1] float32).
     """
-    scale = _scale_from_amax(x.abs().amax(dim=-1, keepdim=True), FP8_MAX)
+    scale = scale_from_amax(x.abs().amax(dim=-1, keepdim=True), FP8_MAX)
     return fp8_cast(x, scale), scale
 
 
@@ -57,7 +57,7 @@ def fp8_quantize_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Ten
     groups = -(-k // group)
     padded = torch.nn.functional.pad(x.float(), (0, groups * group - k))  # zeros do not change amax
     amax = padded.view(m, groups, group).abs().amax(dim=-1)
-    scale = _scale_from_amax(amax, FP8_MAX)  # [M, G]
+    scale = scale_from_amax(amax, FP8_MAX)  # [M, G]
     q = fp8_cast(x, scale.repeat_interleave(group, dim=1)[:, :k])
     return q, scale
 
@@ -71,7 +71,7 @@ def fp8_quantize_block(w: torch.Tensor, block_n: int, block_k: int) -> tuple[tor
     gn, gk = -(-n // block_n), -(-k // block_k)
     padded = torch.nn.functional.pad(w.float(), (0, gk * block_k - k, 0, gn * block_n - n))
     amax = padded.view(gn, block_n, gk, block_k).abs().amax(dim=(1, 3))
-    scale = _scale_from_amax(amax, FP8_MAX)  # [GN, GK]
+    scale = scale_from_amax(amax, FP8_MAX)  # [GN, GK]
     return fp8_cast(w, expand_block_scale(scale, (n, k), (block_n, block_k))), scale
 
 

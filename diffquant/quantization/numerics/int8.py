@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from diffquant.quantization.numerics.fp8 import scale_from_amax
+
 INT8_MAX = 127.0
 
 
@@ -20,9 +22,7 @@ def int8_cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def int8_quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] -> (q: [M, K] int8, scale: [M, 1] float32); rows are output channels or tokens."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float()
-    # Tensor divisor: IEEE division on CUDA too (see fp8._scale_from_amax).
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, INT8_MAX), torch.ones_like(amax))
+    scale = scale_from_amax(x.abs().amax(dim=-1, keepdim=True), INT8_MAX)
     return int8_cast(x, scale), scale
 
 
