@@ -116,6 +116,21 @@ def train_flow(pipe, steps: int, batch: int, g, device, log, max_seconds: float 
     return steps
 
 
+def mark_embedded(out: Path) -> None:
+    """Tag the folder as the embedded model (diffusers ignores "_" keys) and name the tokenizer class
+    every transformers version knows (5.x would write its new name, TokenizersBackend)."""
+    index_file = out / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_diffquant_model"] = "tiny-shapes"
+    for name in ("tokenizer", "tokenizer_2"):
+        index[name] = ["transformers", "PreTrainedTokenizerFast"]
+        cfg_file = out / name / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    index_file.write_text(json.dumps(index, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -148,6 +163,7 @@ def main() -> None:
     steps_run = train_flow(pipe, args.steps, args.batch, g, device, log, args.max_flow_seconds, args.lr)
     out = Path(args.out)
     pipe.to("cpu").save_pretrained(out, safe_serialization=True)
+    mark_embedded(out)
     previous = json.loads((Path(args.init) / "training.json").read_text()) if args.init else None
     meta = {
         "previous_stage": previous,

@@ -156,6 +156,7 @@ class Engine:
             kwargs[per_prompt] = params.num_outputs_per_prompt
         elif params.num_outputs_per_prompt != 1:
             raise ValueError(f"{type(self.pipe).__name__} does not take num_outputs_per_prompt")
+        kwargs.update((k, v) for k, v in self.profile.call_kwargs if self._accepts(k))
         kwargs["generator"] = torch.Generator().manual_seed(seed)  # CPU generator: same noise on any device
         if self._accepts("output_type"):
             kwargs["output_type"] = "pil"

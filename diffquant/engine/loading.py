@@ -21,8 +21,9 @@ from diffquant.quantization import ComponentQuantizationConfig, QuantizationConf
 from diffquant.quantization.report import QuantizeReport
 from diffquant.quantization.weight_storage import apply_fp8_weight_storage
 
-NO_EMBEDDED_MODEL = ("no embedded model ships with diffquant yet (planned); pass a diffusers pipeline folder, "
-                     "e.g. model='/path/to/FLUX.1-dev' or --model DIR")
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-shapes"
+NO_EMBEDDED_MODEL = (f"the embedded model is missing from this install ({EMBEDDED_MODEL}); reinstall diffquant or "
+                     "pass a diffusers pipeline folder, e.g. model='/path/to/FLUX.1-dev' or --model DIR")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class PipelineInfo:
 def read_pipeline_info(model: str | Path | None, warn: bool = True) -> PipelineInfo:
     """Validate a pipeline folder and detect its architecture profile."""
     if model is None:
-        raise ValueError(NO_EMBEDDED_MODEL)
+        if not (EMBEDDED_MODEL / "model_index.json").is_file():
+            raise FileNotFoundError(NO_EMBEDDED_MODEL)
+        model = EMBEDDED_MODEL
     folder = Path(model).expanduser()
     if not folder.exists():
         raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")

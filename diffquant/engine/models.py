@@ -47,6 +47,8 @@ class ArchitectureProfile:
     # extra test on the pipeline's model_index.json + transformer config.json, for variants
     matches: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None
     hf_models: tuple[str, ...] = ()
+    # fixed keyword arguments for the pipeline call (the embedded model's short prompt length)
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def transformer_components(self, available: list[str]) -> list[str]:
         return [c for c in self.transformers if c in available]
@@ -82,6 +84,13 @@ def _wan_ti2v(index: dict, tcfg: dict) -> bool:
     return bool(index.get("expand_timesteps")) and not _present(index, "transformer_2")
 
 
+EMBEDDED_MARKER = "_diffquant_model"  # model_index.json key of the embedded model (diffusers skips "_" keys)
+
+
+def _embedded(index: dict, tcfg: dict) -> bool:
+    return index.get(EMBEDDED_MARKER) == "tiny-shapes"
+
+
 def _present(index: dict, name: str) -> bool:
     value = index.get(name)
     return isinstance(value, (list, tuple)) and value[0] is not None
@@ -91,6 +100,10 @@ _QWEN_DEFAULTS = SamplingDefaults(num_inference_steps=50, true_cfg_scale=4.0, he
 _WAN_A14B = SamplingDefaults(num_inference_steps=40, guidance_scale=4.0, height=480, width=832, num_frames=81)
 
 PROFILES: tuple[ArchitectureProfile, ...] = (
+    ArchitectureProfile(
+        "diffquant-tiny", "diffquant tiny shapes model (embedded)", ("FluxPipeline",), ("FluxTransformer2DModel",),
+        FLUX1_KEEP, matches=_embedded, defaults=SamplingDefaults(8, None, None, 64, 64),
+        call_kwargs=(("max_sequence_length", 16),)),
     ArchitectureProfile(
         "flux1-dev", "FLUX.1-dev", ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline",
                                     "FluxKontextPipeline", "FluxFillPipeline"),

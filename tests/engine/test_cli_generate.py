@@ -47,7 +47,7 @@ def test_error_is_one_line_exit_2_through_subprocess(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["generate", "a red circle", "--quantization", "fp8"], "no embedded model ships"),
+    (["generate", "a red circle", "-q", "fp8", "--ignored-layers", "ff_contxt"], "matches no linear layer"),
     (["generate", "x", "--model", "{tmp}"], "not a diffusers pipeline folder"),
     (["generate", "x", "--model", "{zimage}", "-q", "fp9"], "unknown quantization method 'fp9'"),
     (["generate", "x", "--model", "{zimage}", "--quantization-config", '{"text_encoder_3": "fp8"}'],

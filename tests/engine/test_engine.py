@@ -113,8 +113,8 @@ def _one_line(exc: BaseException) -> str:
 
 def test_errors_are_clear_one_liners(tiny_pipeline, tmp_path):
     folder = tiny_pipeline("z-image")
-    with pytest.raises(ValueError, match="no embedded model ships") as e:
-        Engine(model=None)
+    with pytest.raises(ValueError, match="unknown quantization method 'fp9'") as e:
+        Engine(model=None, quantization="fp9")  # the embedded model
     _one_line(e.value)
     with pytest.raises(FileNotFoundError, match="does not exist") as e:
         Engine(model=tmp_path / "missing")
