@@ -101,6 +101,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from diffquant.quantization.tools.compare_diffusion_trajectory_similarity import run_compare
+
+    _no_loading_bars()
+    return run_compare(args)
+
+
+def _add_compare(sub) -> None:
+    from diffquant.quantization.tools.compare_diffusion_trajectory_similarity import add_compare_arguments
+
+    cmp = sub.add_parser("compare", help="compare a reference and a quantized candidate run (quality, trajectory, "
+                                         "speed, memory, layer sensitivity)")
+    add_compare_arguments(cmp)
+    cmp.set_defaults(func=_cmd_compare)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from diffquant.engine.info import info_text
 
@@ -142,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--verbose", "-v", action="store_true", help="print the per-layer table")
     demo.set_defaults(func=_cmd_demo)
     _add_generate(sub)
+    _add_compare(sub)
     info = sub.add_parser("info", help="components, architecture profile and weight sizes of a pipeline folder")
     info.add_argument("model", help="diffusers pipeline folder")
     info.set_defaults(func=_cmd_info)
@@ -150,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "info"):
+    if args.command in ("generate", "info", "compare"):
         _quiet_libraries()
     try:
         return args.func(args)

@@ -1,0 +1,1 @@
+"""Quality tools: compare a reference and a candidate run of one diffusion pipeline."""
