@@ -94,6 +94,7 @@ def generation_stats(engine, outs: list, warmup_runs: int) -> dict[str, Any]:
         "device": str(engine.device),
         "profile": engine.profile.name,
         "quantization_summary": engine.summary(),
+        "quantization_config_resolved": None if engine.quant_config is None else engine.quant_config.to_dict(),
         **weight_bytes(engine),
     }
 
