@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from diffquant.quantization.kernels import METHOD_BACKENDS
 from diffquant.quantization.registry import canonical_method, config_class, method_names, register_method
 
 CONFIG_VERSION = 1
@@ -127,8 +128,7 @@ class Fp8Config(QuantizationConfig):
     weight_granularity: str | None = field(default=None, metadata=_choices(None, "per_channel", "per_tensor"))
     activation_granularity: str | None = field(default=None, metadata=_choices(None, "per_token", "per_tensor"))
     input_scales: tuple[tuple[str, float], ...] | None = field(default=None, metadata=_check(_scale_map))
-    backend: str = field(default="auto",
-                         metadata=_choices("auto", "emulated", "scaled_mm", "fp8_weight_only", "triton"))
+    backend: str = field(default="auto", metadata=_choices("auto", *METHOD_BACKENDS["fp8"]))
 
     def validate(self) -> None:
         static = self.activation_scheme == "static"
@@ -169,7 +169,7 @@ class Int8Config(QuantizationConfig):
 
     activation_scheme: str = field(default="dynamic", metadata=_choices("dynamic", "static"))
     is_checkpoint_int8_serialized: bool = field(default=False, metadata={"type": bool})
-    backend: str = field(default="auto", metadata=_choices("auto", "emulated", "int_mm", "triton"))
+    backend: str = field(default="auto", metadata=_choices("auto", *METHOD_BACKENDS["int8"]))
 
     def validate(self) -> None:
         if self.activation_scheme == "static":
