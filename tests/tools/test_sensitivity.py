@@ -15,7 +15,13 @@ import torch
 from diffquant.engine import Engine, SamplingParams
 from diffquant.quantization import build_quant_config
 from diffquant.quantization.tools.runs import output_array
-from diffquant.quantization.tools.sensitivity import layer_groups, layer_sensitivity, name_key, split_block
+from diffquant.quantization.tools.sensitivity import (
+    layer_groups,
+    layer_sensitivity,
+    name_key,
+    prune_redundant,
+    split_block,
+)
 from diffquant.testing import build_tiny_pipeline
 
 PARAMS = SamplingParams(num_inference_steps=1, height=16, width=16, seed=0)
@@ -39,6 +45,16 @@ def test_group_names():
     assert groups["transformer_blocks.1"].layers == ("transformer_blocks.1.ff_context.net.2",)
     assert "single_transformer_blocks.0.proj_out" in groups["single_transformer_blocks.0"].layers
     assert {g.kind for g in layer_groups(FLUX_NAMES, ("blocks",))} == {"blocks"}
+
+
+def test_prune_redundant_groups():
+    layers = {"transformer_blocks.1": {"b1.ff", "b1.q"}, "ff": {"b0.ff", "b1.ff"}, "transformer_blocks.0": {"b0.ff"},
+              "attn.to_q": {"b1.q"}}
+    assert prune_redundant(["transformer_blocks.1", "ff", "transformer_blocks.0"], layers) == [
+        "transformer_blocks.1", "transformer_blocks.0"]
+    assert prune_redundant(["ff", "attn.to_q"], layers) == ["ff", "attn.to_q"]
+    assert prune_redundant(["transformer_blocks.1", "ff", "transformer_blocks.0", "attn.to_q"], layers) == [
+        "ff", "attn.to_q"]
 
 
 @pytest.fixture(scope="module")

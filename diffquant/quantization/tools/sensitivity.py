@@ -139,8 +139,19 @@ def greedy_ignored_layers(engine, cfg, ranking: list[dict[str, Any]], groups: li
         if log:
             log(f"  ignore {chosen}: psnr {_fmt(m['psnr_db'])} dB")
     reached = steps[-1]["psnr_db"] is None or steps[-1]["psnr_db"] >= target_psnr
-    return {"target_psnr_db": target_psnr, "reached": reached, "ignored_layers": chosen if reached else None,
-            "steps": steps}
+    return {"target_psnr_db": target_psnr, "reached": reached,
+            "ignored_layers": prune_redundant(chosen, by_pattern) if reached else None, "steps": steps}
+
+
+def prune_redundant(chosen: list[str], layers: dict[str, set[str]]) -> list[str]:
+    """Drop patterns whose layers the other chosen patterns already cover (same ignored set, shorter
+    list): e.g. "ff" after both blocks that hold the ff layers were added."""
+    kept = list(chosen)
+    for pattern in chosen:
+        others = set().union(*(layers[p] for p in kept if p != pattern))
+        if layers[pattern] <= others:
+            kept.remove(pattern)
+    return kept
 
 
 def layer_sensitivity(engine, cfg: QuantizationConfig, reference: np.ndarray, prompt: str, params,
