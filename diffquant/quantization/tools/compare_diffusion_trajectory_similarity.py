@@ -68,13 +68,13 @@ def compare_diffusion_trajectory_similarity(
     _check_options(task, warmup_runs, measure_runs, params)
     sens_cfg = sensitivity_config(reference, candidate) if sensitivity else None
     log = log or (lambda msg: None)
-    log(f"reference: {reference.describe()['quantization'] or 'bf16'}")
+    log(f"reference ({reference.quantization or 'bf16'}): {warmup_runs} warm-up + {measure_runs} measured runs")
     ref_engine = load_engine(reference, device, compile)
     ref = run_variant(ref_engine, prompt, params, task, warmup_runs, measure_runs)
     sampling = sampling_record(ref_engine, prompt, params)
     if not sensitivity:
         release(ref_engine)
-    log(f"candidate: {candidate.describe()['quantization'] or 'bf16'}")
+    log(f"candidate ({candidate.quantization or 'bf16'}): {warmup_runs} warm-up + {measure_runs} measured runs")
     cand_engine = load_engine(candidate, device, compile)
     cand = run_variant(cand_engine, prompt, params, task, warmup_runs, measure_runs)
     release(cand_engine)
