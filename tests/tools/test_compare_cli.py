@@ -87,6 +87,7 @@ def test_video_task_frame_metrics(tmp_path):
     (["--candidate-quantization", "fp8"], "the following arguments are required: --output-json"),
     (["--output-json", "x.json", "--ignored-layers", "ff"], "--ignored-layers needs --candidate-quantization"),
     (["--output-json", "x.json", "--target-psnr", "30"], "--target-psnr needs --sensitivity"),
+    (["--output-json", "x.json", "--compile", "--enforce-eager"], "exclude each other"),
     (["--output-json", "x.json", "--sensitivity", "--reference-quantization", "int8", "--candidate-quantization",
       "fp8"], "needs a bf16 reference"),
     (["--output-json", "x.json", "--candidate-quantization-config-json", "{bad"], "is not valid JSON"),

@@ -237,6 +237,8 @@ def _check_paths(args: argparse.Namespace, specs: tuple[VariantSpec, VariantSpec
         read_pipeline_info(spec.model, warn=False)
     if Path(args.output_json).is_dir():
         raise ValueError(f"--output-json {args.output_json!r} is a directory")
+    if args.enforce_eager and args.compile:
+        raise ValueError("--enforce-eager and --compile exclude each other")
     if args.target_psnr is not None and not args.sensitivity:
         raise ValueError("--target-psnr needs --sensitivity")
 
