@@ -9,9 +9,12 @@ ignored_layers for a 40 dB target must be exactly ["ff"].
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from diffquant.cli import main
 from diffquant.engine import Engine, SamplingParams
 from diffquant.quantization import build_quant_config
 from diffquant.quantization.tools.runs import output_array
@@ -22,7 +25,6 @@ from diffquant.quantization.tools.sensitivity import (
     prune_redundant,
     split_block,
 )
-from diffquant.testing import build_tiny_pipeline
 
 PARAMS = SamplingParams(num_inference_steps=1, height=16, width=16, seed=0)
 FLUX_NAMES = ["time_text_embed.timestep_embedder.linear_1", "transformer_blocks.0.attn.to_q",
@@ -58,8 +60,8 @@ def test_prune_redundant_groups():
 
 
 @pytest.fixture(scope="module")
-def fragile_engine(tmp_path_factory):
-    engine = Engine(build_tiny_pipeline("flux1-schnell", tmp_path_factory.mktemp("flux")), device="cpu")
+def fragile_engine(tiny_flux):
+    engine = Engine(tiny_flux, device="cpu")
     ff = engine.pipe.transformer.transformer_blocks[0].ff
     with torch.no_grad():
         ff.net[0].proj.weight[0].zero_()
@@ -81,3 +83,19 @@ def test_fragile_group_ranks_first_and_greedy_ignores_it(fragile_engine):
     assert greedy["steps"][0]["psnr_db"] < 30 and greedy["steps"][-1]["psnr_db"] >= 40
     # the engine's own transformer is untouched (variants are quantized copies)
     assert not any(type(m).__name__ == "QuantLinear" for m in fragile_engine.pipe.transformer.modules())
+
+
+def test_sensitivity_through_the_cli(tiny_flux, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    rc = main(["compare", "--model", str(tiny_flux), "--candidate-quantization", "int8", "--num-inference-steps", "1",
+               "--height", "16", "--width", "16", "--sensitivity", "--sensitivity-groups", "blocks",
+               "--target-psnr", "200", "--output-json", str(out)])
+    assert rc == 0
+    sens = json.loads(out.read_text())["sensitivity"]
+    assert sorted(r["pattern"] for r in sens["ranking"]) == ["single_transformer_blocks.0", "transformer_blocks.0"]
+    greedy = sens["greedy"]  # 200 dB is out of reach: every group gets ignored, nothing is left to quantize
+    assert greedy["steps"][0]["ignored_layers"] == [] and "nothing left to quantize" in greedy["steps"][-1]["note"]
+    assert not greedy["reached"] and greedy["ignored_layers"] is None
+    printed = capsys.readouterr().out
+    assert "sensitivity (int8, each group quantized alone; worst first):" in printed
+    assert "target psnr_db 200 not reached while quantizing any layer group" in printed

@@ -316,7 +316,7 @@ def _sensitivity_lines(sens: dict[str, Any], top: int = 10) -> list[str]:
                          f"{','.join(greedy['ignored_layers']) or '(none needed)'}  "
                          f"(psnr_db {_v(greedy['steps'][-1]['psnr_db'], '.2f')})")
         else:
-            lines.append(f"target psnr_db {greedy['target_psnr_db']:g} not reached even with every group ignored")
+            lines.append(f"target psnr_db {greedy['target_psnr_db']:g} not reached while quantizing any layer group")
     return lines
 
 

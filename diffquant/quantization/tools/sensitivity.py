@@ -138,7 +138,7 @@ def greedy_ignored_layers(engine, cfg, ranking: list[dict[str, Any]], groups: li
         steps.append({"ignored_layers": list(chosen), "psnr_db": m["psnr_db"], "ssim": m["ssim"], "mae": m["mae"]})
         if log:
             log(f"  ignore {chosen}: psnr {_fmt(m['psnr_db'])} dB")
-    reached = steps[-1]["psnr_db"] is None or steps[-1]["psnr_db"] >= target_psnr
+    reached = "note" not in steps[-1] and (steps[-1]["psnr_db"] is None or steps[-1]["psnr_db"] >= target_psnr)
     return {"target_psnr_db": target_psnr, "reached": reached,
             "ignored_layers": prune_redundant(chosen, by_pattern) if reached else None, "steps": steps}
 
