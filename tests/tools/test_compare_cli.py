@@ -50,6 +50,7 @@ def test_module_cli_fp8_embedded_model_gate_fails(tmp_path):
     assert r["thresholds"]["psnr_db"]["smoke"] == 20.0 and r["thresholds"]["mae"]["stricter"] == 6.0
     steps = r["trajectory"]["steps"]
     assert [s["step"] for s in steps] == [0, 1] and all(0 < s["relative_l2"] < 1 for s in steps)
+    assert r["trajectory"]["same_initial_noise"] is True  # lockstep: same seed, same starting latents
     assert r["gate"]["failures"] and not r["gate"]["passed"]
     sbs = Image.open(r["saved_outputs"]["side_by_side"])
     assert sbs.size == (3 * 64 + 8, 64)

@@ -19,7 +19,12 @@ from diffquant.quantization.tools.metrics import (
     threshold_table,
     video_metrics,
 )
-from diffquant.quantization.tools.trajectory import LatentRecorder, compare_trajectories, first_drift_step
+from diffquant.quantization.tools.trajectory import (
+    LatentRecorder,
+    compare_trajectories,
+    first_drift_step,
+    same_start,
+)
 
 REF = np.array([0, 10, 20, 30], np.uint8).reshape(2, 2, 1)
 CAND = np.array([0, 12, 18, 30], np.uint8).reshape(2, 2, 1)
@@ -134,6 +139,8 @@ def test_trajectory_rows_and_drift():
     assert rows[0]["relative_l2"] == 0 and rows[1]["relative_l2"] == pytest.approx(0.03, rel=1e-6)
     assert rows[2]["cosine_similarity"] == pytest.approx(1.0)
     assert first_drift_step(rows) == 2 and first_drift_step(rows, 0.5) is None
+    assert same_start(ref[0], cand[0]) is True and same_start(ref[0], cand[1]) is False
+    assert same_start(None, cand[0]) is None
     with pytest.raises(ValueError, match="lockstep"):
         compare_trajectories([torch.ones(2)], [torch.ones(3)])
 
@@ -156,4 +163,5 @@ def test_latent_recorder_wraps_scheduler_step():
         pipe.scheduler.step(torch.ones(2), 0, torch.zeros(2), return_dict=False)
         pipe.scheduler.step(torch.ones(2), 1, torch.zeros(2))
     assert [t.tolist() for t in rec.latents] == [[-1.0, -1.0], [-1.0, -1.0]]
+    assert rec.initial.tolist() == [0.0, 0.0]
     assert "step" not in vars(pipe.scheduler)  # the bound method is back

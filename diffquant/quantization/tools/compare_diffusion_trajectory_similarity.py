@@ -27,7 +27,7 @@ from diffquant.quantization.tools.metrics import (
 )
 from diffquant.quantization.tools.runs import VariantSpec, load_engine, release, run_variant, sampling_record
 from diffquant.quantization.tools.sensitivity import GROUP_KINDS, layer_sensitivity
-from diffquant.quantization.tools.trajectory import DRIFT_LEVEL, compare_trajectories, first_drift_step
+from diffquant.quantization.tools.trajectory import DRIFT_LEVEL, compare_trajectories, first_drift_step, same_start
 
 TASKS = ("t2i", "t2v")
 
@@ -101,7 +101,8 @@ def _result(reference, candidate, ref, cand, task, sampling, drift_level) -> dic
         "output_shape": list(ref.output.shape),
         "output_metrics": metrics,
         "thresholds": threshold_table(gate_metrics(metrics)),
-        "trajectory": {"drift_level_relative_l2": drift_level, "first_drift_step": first_drift_step(rows, drift_level),
+        "trajectory": {"same_initial_noise": same_start(ref.initial_latents, cand.initial_latents),
+                       "drift_level_relative_l2": drift_level, "first_drift_step": first_drift_step(rows, drift_level),
                        "steps": rows},
         "reference_generation": ref.generation,
         "candidate_generation": cand.generation,

@@ -33,6 +33,7 @@ class RunResult:
     output: np.ndarray  # uint8 [H, W, C] (image) or [F, H, W, C] (video): the first output of the last run
     generation: dict[str, Any]
     latents: list[torch.Tensor] = field(default_factory=list)
+    initial_latents: torch.Tensor | None = None
     last: Any = None  # GenerationOutput of the last measured run (for saving)
 
 
@@ -58,18 +59,18 @@ def run_variant(engine, prompt: str, params, task: str, warmup_runs: int = 0, me
     """Warm-up runs (not timed), then measured runs; the first measured run records the trajectory."""
     for _ in range(warmup_runs):
         engine.generate(prompt, params)
-    outs, latents = [], []
+    outs, latents, initial = [], [], None
     for i in range(measure_runs):
         if i == 0:
             with LatentRecorder(engine.pipe) as rec:
                 outs.append(engine.generate(prompt, params))
-            latents = rec.latents
+            latents, initial = rec.latents, rec.initial
         else:
             outs.append(engine.generate(prompt, params))
     arrays = [output_array(o, task) for o in outs]
     stats = generation_stats(engine, outs, warmup_runs)
     stats["repeat_runs_identical"] = all(np.array_equal(arrays[0], a) for a in arrays[1:])
-    return RunResult(arrays[-1], stats, latents, outs[-1])
+    return RunResult(arrays[-1], stats, latents, initial, outs[-1])
 
 
 def _mb(n: int | None) -> float | None:

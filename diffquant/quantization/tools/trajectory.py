@@ -19,20 +19,25 @@ DRIFT_LEVEL = 0.05  # relative L2 of the latents at which the CLI reports "drift
 
 
 class LatentRecorder:
-    """Context manager: `latents[i]` is a float32 CPU copy of the latents after step i."""
+    """Context manager: `latents[i]` is a float32 CPU copy of the latents after step i; `initial` the
+    latents the first step started from (the seed's noise)."""
 
     def __init__(self, pipe):
         self.scheduler = pipe.scheduler
         self.latents: list[torch.Tensor] = []
+        self.initial: torch.Tensor | None = None
 
     def _step(self, *args: Any, **kwargs: Any):
+        if not self.latents:  # step(model_output, timestep, sample, ...)
+            sample = kwargs.get("sample", args[2] if len(args) > 2 else None)
+            self.initial = sample.detach().float().cpu().clone() if isinstance(sample, torch.Tensor) else None
         out = self._orig(*args, **kwargs)
         prev = out[0] if isinstance(out, tuple) else out.prev_sample
         self.latents.append(prev.detach().float().cpu().clone())
         return out
 
     def __enter__(self) -> LatentRecorder:
-        self.latents = []
+        self.latents, self.initial = [], None
         self._orig = self.scheduler.step
         self.scheduler.step = self._step  # instance attribute shadows the bound method
         return self
@@ -53,9 +58,16 @@ def compare_trajectories(reference: list[torch.Tensor], candidate: list[torch.Te
     return rows
 
 
+def same_start(reference: torch.Tensor | None, candidate: torch.Tensor | None) -> bool | None:
+    """Whether both runs started from bit-identical latents (None: not recorded)."""
+    if reference is None or candidate is None:
+        return None
+    return reference.shape == candidate.shape and torch.equal(reference, candidate)
+
+
 def first_drift_step(rows: list[dict[str, Any]], level: float = DRIFT_LEVEL) -> int | None:
     """The first step whose latent relative_l2 exceeds `level` (None: never)."""
     return next((r["step"] for r in rows if r["relative_l2"] > level), None)
 
 
-__all__ = ["DRIFT_LEVEL", "LatentRecorder", "compare_trajectories", "first_drift_step"]
+__all__ = ["DRIFT_LEVEL", "LatentRecorder", "compare_trajectories", "first_drift_step", "same_start"]
