@@ -79,8 +79,8 @@ _PARAM_TO_KWARG = {"num_inference_steps": "num_inference_steps", "guidance_scale
 class Engine:
     """A quantized diffusers pipeline.
 
-    model: a local diffusers pipeline folder (model_index.json); None is reserved for the embedded
-    model (not shipped yet: a clear error). quantization: a method name ("fp8", "int8", ...) applied
+    model: a local diffusers pipeline folder (model_index.json); None loads the embedded tiny model
+    (diffquant/assets/tiny-shapes). quantization: a method name ("fp8", "int8", ...) applied
     to the diffusion transformer(s). quantization_config: anything `build_quant_config` accepts:
     method params ({"method": "fp8", "ignored_layers": ["img_mlp"]}, or params alone beside
     `quantization`), or a per-component dict ({"transformer": {...}, "text_encoder": "fp8",
@@ -132,7 +132,8 @@ class Engine:
         kwargs.update(pipeline_kwargs)
         from diffquant.engine.progress import StepTimer
 
-        timer = StepTimer(self.pipe, self.info.transformers, kwargs.get("num_inference_steps"), progress)
+        timer = StepTimer(self.pipe, self.info.transformers, kwargs.get("num_inference_steps"), progress,
+                          user_callback=kwargs.pop("callback_on_step_end", None))
         self._reset_peak()
         with torch.inference_mode(), timer:
             result = self.pipe(prompt=prompts, **timer.kwargs(self._accepts), **kwargs)

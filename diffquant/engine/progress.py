@@ -15,8 +15,10 @@ import torch
 
 
 class StepTimer:
-    def __init__(self, pipe, transformer_names: list[str], steps: int | None, progress: bool):
+    def __init__(self, pipe, transformer_names: list[str], steps: int | None, progress: bool,
+                 user_callback: Callable | None = None):
         self.pipe = pipe
+        self.user_callback = user_callback  # a caller's callback_on_step_end, chained after ours
         self.modules = [getattr(pipe, n) for n in transformer_names if isinstance(getattr(pipe, n, None),
                                                                              torch.nn.Module)]
         self.steps = steps
@@ -42,6 +44,8 @@ class StepTimer:
         self.step_times.append(self._now())
         if self.bar is not None:
             self.bar.update(1)
+        if self.user_callback is not None:
+            return self.user_callback(pipe, step, timestep, callback_kwargs)
         return callback_kwargs
 
     def kwargs(self, accepts: Callable[[str], bool]) -> dict[str, Any]:

@@ -176,3 +176,16 @@ def test_unknown_architecture_runs_with_generic_defaults_and_one_warning(tiny_pi
     assert "transformer_blocks.0.attn1.to_q" in {r.name for r in report.quantized}
     out = engine.generate("a red circle", sampling_for("pixart-sigma"), use_resolution_binning=False)
     assert out.images[0].size == (32, 32)
+
+
+def test_user_step_callback_is_chained(tiny_pipeline):
+    engine = Engine(model=tiny_pipeline("flux1-dev"), device="cpu")
+    seen = []
+
+    def callback(pipe, step, timestep, kwargs):
+        seen.append(step)
+        return kwargs
+
+    out = engine.generate("x", SamplingParams(num_inference_steps=2, height=32, width=32, seed=0),
+                          callback_on_step_end=callback)
+    assert seen == [0, 1] and out.timings.get("steps") == 2
