@@ -139,8 +139,8 @@ def quantize_component(name: str, module: nn.Module, cfg: QuantizationConfig, in
 
 def _check_storage_params(name: str, cfg: QuantizationConfig) -> None:
     """FP8 weight storage has one recipe (DESIGN numerics); W8A8 parameters there would be silently unused."""
-    plain = build_quant_config({"method": "fp8", "ignored_layers": list(cfg.ignored_layers)})
-    changed = [k for k, v in cfg.to_dict().items() if plain.to_dict().get(k) != v]
+    plain = build_quant_config({"method": "fp8", "ignored_layers": list(cfg.ignored_layers)}).to_dict()
+    changed = [k for k, v in cfg.to_dict().items() if plain.get(k) != v]
     if changed:
         raise ValueError(f"component {name!r}: fp8 weight-only storage takes only ignored_layers; "
                          f"{changed[0]}={getattr(cfg, changed[0])!r} applies to diffusion transformers")
