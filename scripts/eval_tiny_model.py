@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     ap.add_argument("--steps", type=int, default=None, help="default: the model's")
     ap.add_argument("--methods", default="bf16,fp8,int8")
+    ap.add_argument("--true-cfg-scale", type=float, default=None, help="default: the model's (no guidance)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
     for method in args.methods.split(","):
         t0 = time.perf_counter()
         engine = Engine(args.model, quantization=None if method == "bf16" else method, device=args.device)
-        images = generate(engine, attrs, args.steps)
+        images = generate(engine, attrs, args.steps, true_cfg_scale=args.true_cfg_scale)
         row = {"method": method, **accuracy(images, attrs), "seconds": round(time.perf_counter() - t0, 1)}
         ref = images if ref is None else ref
         row["psnr_vs_bf16_db"] = None if method == "bf16" else round(mean_psnr(ref, images), 2)
@@ -52,6 +53,7 @@ def main() -> None:
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"num_prompts": args.num_prompts, "seed": args.seed, "device": args.device,
+                       "true_cfg_scale": args.true_cfg_scale, "model": args.model or "embedded",
                        "torch": torch.__version__, "rows": rows, "table": table}, f, indent=2)
 
 

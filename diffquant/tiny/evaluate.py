@@ -28,18 +28,23 @@ def images_to_tensor(images) -> torch.Tensor:
 
 
 def generate(
-    engine, attrs: list[shapes.Attributes], steps: int | None = None, seed: int = 0, batch: int = 16
+    engine, attrs: list[shapes.Attributes], steps: int | None = None, seed: int = 0, batch: int = 16,
+    true_cfg_scale: float | None = None,
 ) -> torch.Tensor:
-    """uint8 [B, 3, H, W] images for the captions of `attrs` (same seed for every variant)."""
+    """uint8 [B, 3, H, W] images for the captions of `attrs` (same seed for every variant). With
+    true_cfg_scale > 1, classifier-free guidance against the empty prompt."""
     from diffquant.engine import SamplingParams
 
     out = []
     for i in range(0, len(attrs), batch):
         prompts = [shapes.caption(a) for a in attrs[i : i + batch]]
         size = shapes.IMAGE_SIZE
+        cfg = {}
+        if true_cfg_scale is not None:
+            cfg = {"true_cfg_scale": true_cfg_scale, "negative_prompt": [""] * len(prompts)}
         res = engine.generate(
             prompts,
-            SamplingParams(num_inference_steps=steps, seed=seed + i, height=size, width=size),
+            SamplingParams(num_inference_steps=steps, seed=seed + i, height=size, width=size, **cfg),
             max_sequence_length=TEXT_LEN,
         )
         out.append(images_to_tensor(res.images))
