@@ -19,6 +19,7 @@ from diffquant.engine.loading import (
     prepare_components,
     read_pipeline_info,
     resolve_quant_spec,
+    upcast_vae_on_cpu,
 )
 from diffquant.quantization.report import QuantizeReport
 
@@ -108,6 +109,8 @@ class Engine:
         self.timings["load_s"] = time.perf_counter() - start
         start = time.perf_counter()
         self.reports = prepare_components(self.pipe, self.plan, self.info, self.device)
+        if upcast_vae_on_cpu(self.pipe, self.plan, self.device, dtype):
+            logger.info("vae runs in float32 on CPU (its config sets force_upcast; bf16 convolutions are slow on CPU)")
         self._sync()
         self.timings["quantize_s"] = time.perf_counter() - start
         self.pipe.set_progress_bar_config(disable=True)

@@ -170,5 +170,32 @@ def prepare_components(pipe, plan: dict[str, QuantizationConfig], info: Pipeline
     return reports
 
 
+def upcast_vae_on_cpu(pipe, plan: dict[str, QuantizationConfig], device: torch.device, dtype: torch.dtype) -> bool:
+    """On CPU, run a VAE whose config asks for it (`force_upcast`) in float32: bf16 convolutions are
+    ~80x slower than fp32 on CPU (measured: 1.9 s vs 0.02 s to decode the embedded model's 64x64
+    image). Inputs are cast to float32 on the way in, latents back to `dtype` on the way out of
+    encode. Returns True when it did so."""
+    vae = getattr(pipe, "vae", None)
+    if (device.type != "cpu" or dtype == torch.float32 or "vae" in plan or not isinstance(vae, nn.Module)
+            or not getattr(vae.config, "force_upcast", False)):
+        return False
+    vae.to(torch.float32)
+    decode, encode = vae.decode, vae.encode
+
+    def decode_fp32(z, *args, **kwargs):
+        return decode(z.to(torch.float32), *args, **kwargs)
+
+    def encode_fp32(x, *args, **kwargs):
+        out = encode(x.to(torch.float32), *args, **kwargs)
+        dist = out[0] if isinstance(out, tuple) else out.latent_dist
+        for attr in ("parameters", "mean", "logvar", "std", "var"):
+            if isinstance(getattr(dist, attr, None), torch.Tensor):
+                setattr(dist, attr, getattr(dist, attr).to(dtype))
+        return out
+
+    vae.decode, vae.encode = decode_fp32, encode_fp32
+    return True
+
+
 __all__ = ["NO_EMBEDDED_MODEL", "PipelineInfo", "load_pipeline", "plan_quantization", "prepare_components",
-           "read_pipeline_info", "resolve_quant_spec"]
+           "read_pipeline_info", "resolve_quant_spec", "upcast_vae_on_cpu"]

@@ -189,3 +189,21 @@ def test_user_step_callback_is_chained(tiny_pipeline):
     out = engine.generate("x", SamplingParams(num_inference_steps=2, height=32, width=32, seed=0),
                           callback_on_step_end=callback)
     assert seen == [0, 1] and out.timings.get("steps") == 2
+
+
+def test_vae_runs_in_float32_on_cpu(tiny_pipeline):
+    """bf16 convolutions are slow on CPU, so a VAE with force_upcast runs in float32 there: weights
+    float32, bf16 latents accepted by decode, encode hands bf16 latents back to the pipeline."""
+    engine = Engine(model=tiny_pipeline("flux1-dev"), device="cpu")
+    vae = engine.pipe.vae
+    assert vae.config.force_upcast and vae.dtype == torch.float32
+    assert engine.pipe.transformer.dtype == torch.bfloat16
+    z = torch.randn(1, vae.config.latent_channels, 4, 4, dtype=torch.bfloat16)
+    image = vae.decode(z).sample
+    assert image.dtype == torch.float32 and image.shape[-1] == 4 * 2 ** (len(vae.config.block_out_channels) - 1)
+    dist = vae.encode(image.to(torch.bfloat16)).latent_dist
+    assert dist.mean.dtype == torch.bfloat16 and dist.sample().dtype == torch.bfloat16
+    # not when the VAE itself is quantized, nor in float32
+    assert "decode" not in vars(Engine(model=tiny_pipeline("flux1-dev"), quantization_config={"vae": "fp8"},
+                                       device="cpu").pipe.vae)
+    assert "decode" not in vars(Engine(model=tiny_pipeline("flux1-dev"), dtype=torch.float32, device="cpu").pipe.vae)
