@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, md_table, sqnr_db, time_cuda, write_results  # noqa: E402
 from diffquant.engine.models import keep_patterns  # noqa: E402
 from diffquant.quantization import quantize_  # noqa: E402
+from diffquant.quantization.kernels import triton_ops  # noqa: E402
 from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
 
 GB = 1e9
@@ -135,8 +136,9 @@ def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...
     """Quantize `model` in place; returns a short description."""
     if variant == "bf16":
         return "bf16 (no quantization)"
-    if variant in ("fp8", "int8", "fp8-scaled_mm", "int8-int_mm"):
+    if variant in ("fp8", "int8", "fp8-scaled_mm", "int8-int_mm", "fp8-inductor", "int8-inductor"):
         method, _, backend = variant.partition("-")
+        backend = "triton" if backend == "inductor" else backend
         report = quantize_(model, {"method": method, "backend": backend or "auto"}, keep_high_precision=keep)
         backends = sorted({layer.backend for layer in report.quantized})
         return f"diffquant {method}: {len(report.quantized)} layers on {','.join(backends)}, {len(report.kept)} kept"
@@ -221,7 +223,7 @@ def _capture_blocks(model, names, inputs):
             seen[name] = (args, kwargs, out)
 
         hooks.append(mod.register_forward_hook(hook, with_kwargs=True))
-    with torch.inference_mode():
+    with torch.no_grad():  # as diffusers pipelines run (inference tensors skip the shared q/k/v quantization)
         model(**inputs)
     for h in hooks:
         h.remove()
@@ -234,7 +236,7 @@ def _flat(out) -> torch.Tensor:
 
 def block_sqnr(model, captured) -> dict[str, float]:
     res = {}
-    with torch.inference_mode():
+    with torch.no_grad():
         for name, (args, kwargs, ref) in captured.items():
             out = model.get_submodule(name)(*args, **kwargs)
             res[name] = sqnr_db(_flat(out), _flat(ref))
@@ -260,7 +262,10 @@ def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
         row["sqnr_min_db"] = min(sq.values())
         row["sqnr_mean_db"] = sum(sq.values()) / len(sq)
     restore = regional_compile(model, spec["blocks"]) if compiled else None
-    with torch.inference_mode():
+    # "-inductor": under compile, inductor generates the activation quantization (fused into the
+    # producer, shared by q/k/v) instead of our kernel; see triton_ops.COMPILED_QUANT
+    triton_ops.COMPILED_QUANT = "inductor" if variant.endswith("-inductor") else "kernel"
+    with torch.no_grad():
         t0 = time.perf_counter()
         model(**inputs)
         torch.cuda.synchronize()
@@ -359,7 +364,7 @@ def profile_variant(base, spec, variant, inputs) -> str:
     _quantize_variant(model, variant, spec["keep"])
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.inference_mode():
+    with torch.no_grad():
         model(**inputs)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

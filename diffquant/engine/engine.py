@@ -21,6 +21,7 @@ from diffquant.engine.loading import (
     resolve_quant_spec,
     upcast_vae_on_cpu,
 )
+from diffquant.quantization.kernels.triton_ops import release_shared_quantization
 from diffquant.quantization.report import QuantizeReport
 
 logger = logging.getLogger("diffquant")
@@ -138,9 +139,14 @@ class Engine:
         timer = StepTimer(self.pipe, self.info.transformers, kwargs.get("num_inference_steps"), progress,
                           user_callback=kwargs.pop("callback_on_step_end", None))
         self._reset_peak()
-        with torch.inference_mode(), timer:
-            result = self.pipe(prompt=prompts, **timer.kwargs(self._accepts), **kwargs)
-            self._sync()
+        # no_grad, as diffusers pipelines run themselves: inference tensors would have no version
+        # counter, which the triton backend's shared q/k/v activation quantization keys on.
+        with torch.no_grad(), timer:
+            try:
+                result = self.pipe(prompt=prompts, **timer.kwargs(self._accepts), **kwargs)
+                self._sync()
+            finally:
+                release_shared_quantization()
         return self._output(result, seed, prompts, timer.timings())
 
     def _call_kwargs(self, params: SamplingParams, seed: int) -> dict[str, Any]:

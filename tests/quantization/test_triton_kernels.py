@@ -259,3 +259,35 @@ def test_compile_fullgraph_gpu_matches_eager(method, rng):
     assert torch.isfinite(out).all()
     err = (out.float() - ref.float()).abs().max().item()
     assert err <= 0.05 * ref.float().abs().max().item(), err
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_eager_quantizes_a_shared_activation_once(method, rng, monkeypatch):
+    """q, k and v read the same activation: one quantization serves all three, outputs unchanged;
+    an in-place write, another tensor or an inference tensor is quantized afresh."""
+    calls = []
+    impl = triton_ops.quantize_per_token_impl
+    monkeypatch.setattr(triton_ops, "quantize_per_token_impl", lambda x, fmt: calls.append(x.shape) or impl(x, fmt))
+    triton_ops.release_shared_quantization()
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(48, 32 + 16 * i) for i, n in enumerate("qkv")}).to(torch.bfloat16)
+    quantize_(model, method)
+    x = torch.randn(2, 11, 48, generator=rng).to(torch.bfloat16)
+
+    def run(t):
+        return [triton_ops.triton_linear(model[n], t.reshape(-1, 48)) for n in "qkv"]
+
+    shared = run(x)
+    assert len(calls) == 1
+    for n, out in zip("qkv", shared, strict=True):
+        xq, xs = REF[method](x.reshape(-1, 48))
+        torch.testing.assert_close(out, triton_ops._mm_ref(xq, xs, model[n].qweight, model[n].weight_scale,
+                                                           model[n].bias, torch.bfloat16), rtol=0, atol=0)
+    x.mul_(2)  # in place: the version counter moves, the cached quantization must not be used
+    doubled = run(x)
+    assert len(calls) == 2 and not torch.equal(doubled[0], shared[0])
+    run(x.clone())
+    assert len(calls) == 3
+    with torch.inference_mode():
+        run(torch.randn(3, 48).to(torch.bfloat16))
+    assert len(calls) == 6
+    triton_ops.release_shared_quantization()
