@@ -59,13 +59,23 @@ def sample_attributes(n: int, generator: torch.Generator) -> list[Attributes]:
     return [Attributes(*t) for t in zip(colors, shapes, backgrounds, positions, sizes, strict=True)]
 
 
-def _masks(attrs: list[Attributes], size: int, jitter: torch.Tensor, device) -> torch.Tensor:
-    """Soft [B, H, W] object masks (anti-aliased over about one pixel)."""
+def attribute_indices(attrs: list[Attributes], device=None) -> torch.Tensor:
+    """[B, 5] long: (color, shape, background, position, size) as indices into COLORS, SHAPES, COLORS,
+    POSITIONS, SIZES (the form training samples directly on the device)."""
+    rows = [(COLORS.index(a.color), SHAPES.index(a.shape), COLORS.index(a.background), POSITIONS.index(a.position),
+             SIZES.index(a.size)) for a in attrs]
+    return torch.tensor(rows, dtype=torch.long, device=device).view(-1, 5)
+
+
+def _masks(idx: torch.Tensor, size: int, jitter: torch.Tensor) -> torch.Tensor:
+    """Soft [B, H, W] object masks (anti-aliased over about one pixel) for index rows [B, 5]."""
+    device = idx.device
     coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
     y, x = coords.view(1, -1, 1), coords.view(1, 1, -1)
-    cx = torch.tensor([_CENTERS[a.position][0] for a in attrs], device=device).view(-1, 1, 1) + jitter[:, 0:1, None]
-    cy = torch.tensor([_CENTERS[a.position][1] for a in attrs], device=device).view(-1, 1, 1) + jitter[:, 1:2, None]
-    r = torch.tensor([_RADII[a.size] for a in attrs], device=device).view(-1, 1, 1) * (1 + jitter[:, 2:3, None])
+    centers = torch.tensor([_CENTERS[p] for p in POSITIONS], device=device)[idx[:, 3]]  # [B, 2]
+    cx = centers[:, 0].view(-1, 1, 1) + jitter[:, 0:1, None]
+    cy = centers[:, 1].view(-1, 1, 1) + jitter[:, 1:2, None]
+    r = torch.tensor([_RADII[z] for z in SIZES], device=device)[idx[:, 4]].view(-1, 1, 1) * (1 + jitter[:, 2:3, None])
     dx, dy = x - cx, y - cy
     # signed distance (negative inside), in image fractions
     circle = (dx**2 + dy**2).sqrt() - r
@@ -75,24 +85,38 @@ def _masks(attrs: list[Attributes], size: int, jitter: torch.Tensor, device) -> 
     apex = cy - height * 2 / 3
     slant = (dx.abs() - half * (y - apex) / height) / (1 + (half / height) ** 2) ** 0.5
     triangle = torch.maximum(slant, y - (apex + height))
-    kind = torch.tensor([SHAPES.index(a.shape) for a in attrs], device=device).view(-1, 1, 1)
+    kind = idx[:, 1].view(-1, 1, 1)
     sdf = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
     return (0.5 - sdf * size).clamp(0, 1)
+
+
+JITTER = (0.08, 0.08, 0.3)  # full range of the random offsets of (cx, cy) and of the relative radius
+
+
+def random_jitter(n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    """[n, 3] uniform offsets within +-JITTER/2 (drawn on the generator's device)."""
+    u = torch.rand(n, 3, generator=generator, device=generator.device)
+    return ((u - 0.5) * torch.tensor(JITTER, device=generator.device)).to(device)
+
+
+def render_indices(idx: torch.Tensor, size: int = IMAGE_SIZE, jitter: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [B, 3, H, W] in [-1, 1], object masks [B, 1, H, W] in [0, 1]) for index rows [B, 5]
+    (see attribute_indices) and optional jitter [B, 3], on idx's device."""
+    n, device = idx.shape[0], idx.device
+    jitter = torch.zeros(n, 3, device=device) if jitter is None else jitter.to(device)
+    mask = _masks(idx, size, jitter).unsqueeze(1)  # [B, 1, H, W]
+    palette = torch.tensor([PALETTE[c] for c in COLORS], device=device, dtype=torch.float32)
+    fg, bg = palette[idx[:, 0]].view(n, 3, 1, 1), palette[idx[:, 2]].view(n, 3, 1, 1)
+    img = bg + (fg - bg) * mask
+    return img / 127.5 - 1.0, mask
 
 
 def render(attrs: list[Attributes], size: int = IMAGE_SIZE, generator: torch.Generator | None = None,
            device: str | torch.device = "cpu") -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1]. With a generator, positions and sizes jitter slightly."""
-    n = len(attrs)
-    if generator is None:
-        jitter = torch.zeros(n, 3)
-    else:
-        jitter = (torch.rand(n, 3, generator=generator) - 0.5) * torch.tensor([0.08, 0.08, 0.3])
-    mask = _masks(attrs, size, jitter.to(device), device).unsqueeze(1)  # [B, 1, H, W]
-    fg = torch.tensor([PALETTE[a.color] for a in attrs], device=device, dtype=torch.float32).view(n, 3, 1, 1)
-    bg = torch.tensor([PALETTE[a.background] for a in attrs], device=device, dtype=torch.float32).view(n, 3, 1, 1)
-    img = bg + (fg - bg) * mask
-    return img / 127.5 - 1.0
+    jitter = None if generator is None else random_jitter(len(attrs), generator)
+    return render_indices(attribute_indices(attrs, device), size, jitter)[0]
 
 
 def _nearest_color(rgb: torch.Tensor) -> str:
