@@ -11,8 +11,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
-    tests) timeout 240 python3 -m pytest tests/quantization/test_triton_kernels.py -q -p no:cacheprovider --maxfail=30 \
-             -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1; tail -5 "$OUT/pytest.txt";;
+    tests) timeout ${TESTS_T:-240} python3 -m pytest ${TEST_PATHS:-tests/quantization/test_triton_kernels.py} -m gpu -q \
+             -p no:cacheprovider --maxfail=30 -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1
+           grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | cut -c1-200 | head -8; tail -2 "$OUT/pytest.txt";;
     linear) timeout ${LINEAR_T:-150} python3 benchmarks/bench_linear.py --out "$OUT" ${LINEAR_ARGS:-} > "$OUT/linear.log" 2>&1
             tail -3 "$OUT/linear.log";;
     eager) timeout ${EAGER_T:-200} python3 benchmarks/bench_transformer.py --tag eager --out "$OUT" \

@@ -1,7 +1,5 @@
 """`python -m diffquant ...` is the `diffquant` command."""
 
-import sys
+from diffquant.cli import entry
 
-from diffquant.cli import main
-
-sys.exit(main())
+entry()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -176,5 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `diffquant` command: main(), then exit without tearing the interpreter down. Unloading
+    torch, diffusers and transformers module by module took 1.5-2 s of a 10 s CLI run on a 2-core
+    machine; atexit handlers still run and both streams are flushed first."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -291,3 +291,27 @@ def test_eager_quantizes_a_shared_activation_once(method, rng, monkeypatch):
         run(torch.randn(3, 48).to(torch.bfloat16))
     assert len(calls) == 6
     triton_ops.release_shared_quantization()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_shared_activation_quantization_on_gpu(method, rng):
+    """q/k/v through the triton backend on CUDA: the shared quantization gives the same bits as
+    quantizing for each layer, and each output stays within the GEMM budget."""
+    require_cuda((8, 9) if method == "fp8" else (8, 0))
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(320, 64 * (i + 1)) for i, n in enumerate("qkv")})
+    model = model.to(torch.bfloat16).cuda()
+    quantize_(model, {"method": method, "backend": "triton"})
+    x = _rows(77, 320, rng, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        shared = [model[n](x) for n in "qkv"]
+        separate = []
+        for n in "qkv":
+            triton_ops.release_shared_quantization()
+            separate.append(model[n](x))
+    triton_ops.release_shared_quantization()
+    xq, xs = REF[method](x)
+    for n, a, b in zip("qkv", shared, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        lay = model[n]
+        _check_budget(a, xq, xs, lay.qweight, lay.weight_scale, lay.bias)
