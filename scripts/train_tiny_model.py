@@ -5,8 +5,16 @@ downloaded. Stage 1 trains the VAE (reconstruction + a small KL term), stage 2 t
 transformer and both text encoders jointly with the rectified-flow objective FLUX uses
 (x_t = (1 - s) x0 + s eps, predict eps - x0). The pipeline folder is written with save_pretrained.
 
-    python scripts/train_tiny_model.py --out diffquant/assets/tiny-flux          # on the H200
-    python scripts/train_tiny_model.py --out /tmp/t --vae-steps 5 --steps 5      # smoke test
+    python scripts/train_tiny_model.py --out /tmp/tiny                        # from scratch, on the H200
+    python scripts/train_tiny_model.py --out /tmp/t --vae-steps 5 --steps 5   # smoke test
+
+The shipped diffquant/assets/tiny-shapes came from five stages, each continuing the previous one
+with --init (its training.json nests them). Stages 1-4 ran earlier versions of this script (git
+history; stage 4 at commit 022dc10), the last one this version:
+  1. H200: --vae-steps 600, 1038 flow steps, batch 128, seed 1234
+  2. CPU: --lr 3e-4 --seed 4321, 1056 steps, batch 32      3. CPU: --lr 2e-4 --seed 777, 2253 steps, batch 32
+  4. H200: --decoder-steps 2500 --batch 256 --lr 3e-4 --max-flow-seconds 270 (2085 steps, plain MSE)
+  5. H200: --batch 256 --lr 3e-4 --steps 4495 (object weight 4; ran as --max-flow-seconds 370)
 """
 
 from __future__ import annotations

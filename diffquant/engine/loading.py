@@ -179,7 +179,7 @@ def upcast_vae_on_cpu(pipe, plan: dict[str, QuantizationConfig], device: torch.d
     if (device.type != "cpu" or dtype == torch.float32 or "vae" in plan or not isinstance(vae, nn.Module)
             or not getattr(vae.config, "force_upcast", False)):
         return False
-    vae.to(torch.float32)
+    nn.Module.to(vae, torch.float32)  # not ModelMixin.to: it warns about fp32 modules on any cast
     decode, encode = vae.decode, vae.encode
 
     def decode_fp32(z, *args, **kwargs):

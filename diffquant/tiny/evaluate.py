@@ -24,7 +24,7 @@ def eval_prompts(n: int, seed: int = EVAL_SEED) -> list[shapes.Attributes]:
 
 def images_to_tensor(images) -> torch.Tensor:
     """PIL images -> uint8 [B, 3, H, W]."""
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
 
 
 def generate(
