@@ -64,13 +64,23 @@ def measure_ceilings() -> dict[str, float]:
     return out
 
 
-def environment(argv: list[str] | None = None) -> dict[str, Any]:
+def _commit() -> str:
+    """The commit the tree was copied from: `.device_commit` (written by hand before a device call
+    and carried with it: the device's own git metadata can lag behind the copied tree), else git,
+    else $DIFFQUANT_COMMIT."""
+    stamp = Path(__file__).resolve().parent.parent / ".device_commit"
+    if stamp.is_file():
+        return stamp.read_text().strip()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    commit = commit or os.environ.get("DIFFQUANT_COMMIT", "unknown")  # copies without .git pass it in
+    return commit or os.environ.get("DIFFQUANT_COMMIT", "unknown")
+
+
+def environment(argv: list[str] | None = None) -> dict[str, Any]:
+    commit = _commit()
     env: dict[str, Any] = {
         "commit": commit,
         "command": " ".join(shlex.quote(a) for a in (argv or ["python"] + sys.argv)),

@@ -2,6 +2,8 @@
 # One device call: GPU tests, linear benchmark, transformer benchmark. Usage (from the repo root,
 # with the wheels of /work/shared/gpu-wheels.sh in .whl/):  bash benchmarks/gpu_session.sh STAGES...
 # STAGES: tests linear eager fused model compile (env vars tune each; see the case below); outputs go to $OUT.
+# Stamp the commit first (git rev-parse --short HEAD > .device_commit) and carry it with .whl: the
+# device's git metadata can lag behind the copied tree.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -13,6 +15,7 @@ for stage in "$@"; do
   case $stage in
     tests) timeout ${TESTS_T:-240} python3 -m pytest ${TEST_PATHS:-tests/quantization/test_triton_kernels.py} -m gpu -q \
              -p no:cacheprovider --maxfail=30 -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1
+           echo "pytest exit $? (124: cut by the stage timeout, no summary line)"
            grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | cut -c1-200 | head -8; tail -2 "$OUT/pytest.txt";;
     linear) timeout ${LINEAR_T:-150} python3 benchmarks/bench_linear.py --out "$OUT" ${LINEAR_ARGS:-} > "$OUT/linear.log" 2>&1
             tail -3 "$OUT/linear.log";;

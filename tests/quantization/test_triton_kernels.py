@@ -246,9 +246,12 @@ def test_quant_linear_triton_backend(method, m, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["kernel", "inductor"])
 @pytest.mark.parametrize("method", ["fp8", "int8"])
-def test_compile_fullgraph_gpu_matches_eager(method, rng):
+def test_compile_fullgraph_gpu_matches_eager(method, quant, rng, monkeypatch):
+    """Both ways of quantizing activations under compile (triton_ops.COMPILED_QUANT)."""
     require_cuda((8, 9) if method == "fp8" else (8, 0))
+    monkeypatch.setattr(triton_ops, "COMPILED_QUANT", quant)
     model = _Block(256).to(torch.bfloat16).cuda()
     quantize_(model, {"method": method, "backend": "triton"})
     x = torch.randn(2, 300, 256, generator=rng).to(torch.bfloat16).cuda()
