@@ -179,7 +179,7 @@ def train_flow(pipe, steps: int, batch: int, data: ShapeData, device, log, max_s
                 t_start = time.perf_counter()
             else:
                 per_step = (time.perf_counter() - t_start) / 50
-                steps = min(steps, int(max_seconds / per_step))
+                steps = max(step + 1, min(steps, int(max_seconds / per_step)))
                 log(f"{per_step * 1e3:.1f} ms/step: running {steps} steps")
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
