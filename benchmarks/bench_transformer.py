@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="diffusers fuse_qkv_projections() on the bf16 model first (all variants share it)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", nargs="*", default=[], help="variants to profile (eager, top CUDA kernels)")
+    ap.add_argument("--profile-compiled", nargs="*", default=[], help="variants to profile under regional compile")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     for variant, compiled in jobs + [("__profiles__", False)] + late:
         if variant == "__profiles__":
             profiles = {v: profile_variant(base, spec, v, inputs) for v in args.profile}
+            profiles.update({f"{v} (compiled)": profile_variant(base, spec, v, inputs, compiled=True)
+                             for v in args.profile_compiled})
             _report(args, spec, env, rows, profiles)
             continue
         try:
@@ -359,9 +362,12 @@ def _report(args, spec, env, rows, profiles, echo=False):
         print(f"wrote {path}")
 
 
-def profile_variant(base, spec, variant, inputs) -> str:
+def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
+    """Top CUDA kernels of one forward (after a warm-up forward, which also compiles)."""
     model = base if variant == "bf16" else copy.deepcopy(base)
     _quantize_variant(model, variant, spec["keep"])
+    restore = regional_compile(model, spec["blocks"]) if compiled else None
+    triton_ops.COMPILED_QUANT = "inductor" if variant.endswith("-inductor") else "kernel"
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
@@ -370,7 +376,9 @@ def profile_variant(base, spec, variant, inputs) -> str:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(**inputs)
             torch.cuda.synchronize()
-    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=80)
+    if restore is not None:
+        restore()
     if model is not base:
         del model
     gc.collect()
