@@ -76,8 +76,9 @@ def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512) -> 
     )
 
 
-def qwen_image_spec(height: int = 1328, width: int = 1328, text_tokens: int = 256, **overrides) -> dict:
-    """Qwen-Image (20B, 60 dual-stream blocks) at its default 1328^2: 6889 image tokens."""
+def qwen_image_spec(height: int = 1024, width: int = 1024, text_tokens: int = 256, **overrides) -> dict:
+    """Qwen-Image (20B, 60 dual-stream blocks) at 1024^2 (issue 4's shape; the pipeline's default is
+    1328^2): 4096 image tokens."""
     from diffusers import QwenImageTransformer2DModel
 
     cfg = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
@@ -129,7 +130,33 @@ def wan22_spec(frames: int = 81, height: int = 480, width: int = 832, text_token
                 shape=f"{frames}x{height}x{width}, {tokens} video tokens + {text_tokens} text tokens")
 
 
-SPECS = {"flux1-dev": flux_spec, "qwen-image": qwen_image_spec, "wan2.2-a14b": wan22_spec}
+def z_image_spec(height: int = 1024, width: int = 1024, text_tokens: int = 256, **overrides) -> dict:
+    """Z-Image (6B, single-stream: 2 noise + 2 context refiner blocks, 30 main blocks; diffusers'
+    defaults are the released config) at 1024^2: 4096 image tokens."""
+    from diffusers import ZImageTransformer2DModel
+
+    cfg = dict(overrides)
+    h, w = height // 8, width // 8  # 8x VAE; the transformer patchifies 2x2
+
+    def inputs(dev):
+        g = torch.Generator(device=dev).manual_seed(1)
+        bf = torch.bfloat16
+        in_ch, cap = cfg.get("in_channels", 16), cfg.get("cap_feat_dim", 2560)
+        return dict(
+            x=[torch.randn(in_ch, 1, h, w, device=dev, generator=g).to(bf)],
+            t=torch.tensor([0.5], device=dev, dtype=bf),
+            cap_feats=[torch.randn(text_tokens, cap, device=dev, generator=g).to(bf)],
+            return_dict=False,
+        )
+
+    last = cfg.get("n_layers", 30) - 1
+    return dict(build=lambda: ZImageTransformer2DModel(**cfg), inputs=inputs,
+                blocks=("noise_refiner", "context_refiner", "layers"),
+                sqnr_blocks=("layers.0", f"layers.{last}"), keep=keep_patterns("z-image"),
+                shape=f"{height}x{width}, {(h // 2) * (w // 2)} image + {text_tokens} text tokens")
+
+
+SPECS = {"flux1-dev": flux_spec, "qwen-image": qwen_image_spec, "wan2.2-a14b": wan22_spec, "z-image": z_image_spec}
 
 
 def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...]) -> str:
