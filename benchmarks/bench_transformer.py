@@ -324,9 +324,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", nargs="*", default=[], help="variants to profile (eager, top CUDA kernels)")
     ap.add_argument("--profile-compiled", nargs="*", default=[], help="variants to profile under regional compile")
+    ap.add_argument("--multi-kernel", action="store_true",
+                    help="inductor multi_kernel=1 for every compiled variant: rows of 3072 (FLUX) exceed inductor's "
+                         "1024-element persistent-reduction threshold, so norm + quantization otherwise loop over x")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
+    if args.multi_kernel:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.multi_kernel = 1
     spec = SPECS[args.model]()
     dev = "cuda"
     with torch.device(dev):
