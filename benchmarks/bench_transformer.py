@@ -270,10 +270,23 @@ def block_sqnr(model, captured) -> dict[str, float]:
     return res
 
 
-def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
+def _free_memory() -> None:
+    """Release the previous variant's model (unreferenced once its function returned)."""
     torch.cuda.synchronize()
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def _compile_for(model, spec, variant: str, compiled: bool):
+    """Regional compile when asked; returns the undo function (or None). "-inductor" variants let
+    inductor generate the activation quantization (fused into the producer, shared by q/k/v)
+    instead of our kernel: see triton_ops.COMPILED_QUANT."""
+    triton_ops.COMPILED_QUANT = "inductor" if variant.endswith("-inductor") else "kernel"
+    return regional_compile(model, spec["blocks"]) if compiled else None
+
+
+def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
+    _free_memory()
     mem0 = torch.cuda.memory_allocated()
     row = dict(variant=variant, mode="compiled (regional)" if compiled else "eager")
     model = base if variant == "bf16" else copy.deepcopy(base)
@@ -288,10 +301,7 @@ def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
         row["block_sqnr_db"] = sq
         row["sqnr_min_db"] = min(sq.values())
         row["sqnr_mean_db"] = sum(sq.values()) / len(sq)
-    restore = regional_compile(model, spec["blocks"]) if compiled else None
-    # "-inductor": under compile, inductor generates the activation quantization (fused into the
-    # producer, shared by q/k/v) instead of our kernel; see triton_ops.COMPILED_QUANT
-    triton_ops.COMPILED_QUANT = "inductor" if variant.endswith("-inductor") else "kernel"
+    restore = _compile_for(model, spec, variant, compiled)
     with torch.no_grad():
         t0 = time.perf_counter()
         model(**inputs)
@@ -305,10 +315,6 @@ def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
     if restore is not None:
         restore()
-    if model is not base:
-        del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return row
 
 
@@ -398,10 +404,10 @@ def _report(args, spec, env, rows, profiles, echo=False):
 
 def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
     """Top CUDA kernels of one forward (after a warm-up forward, which also compiles)."""
+    _free_memory()
     model = base if variant == "bf16" else copy.deepcopy(base)
     _quantize_variant(model, variant, spec["keep"])
-    restore = regional_compile(model, spec["blocks"]) if compiled else None
-    triton_ops.COMPILED_QUANT = "inductor" if variant.endswith("-inductor") else "kernel"
+    restore = _compile_for(model, spec, variant, compiled)
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
@@ -413,10 +419,6 @@ def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
     text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=80)
     if restore is not None:
         restore()
-    if model is not base:
-        del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return text
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.tiny import shapes
-from diffquant.tiny.evaluate import FIELDS
+from diffquant.tiny.evaluate import accuracy
 from diffquant.tiny.model import TEXT_LEN, components
 
 TRAIN_SEED = 1234  # the evaluation draws prompts with a different seed
@@ -133,12 +133,7 @@ def recon_accuracy(vae, g, device, n: int = 512) -> dict[str, float]:
     attrs = shapes.sample_attributes(n, g)
     x = shapes.render(attrs, generator=g, device=device)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-    hits = dict.fromkeys(FIELDS, 0)
-    for image, want in zip(shapes.to_uint8(rec).cpu(), attrs, strict=True):
-        got = shapes.classify(image)
-        for f in FIELDS:
-            hits[f] += int(got is not None and getattr(got, f) == getattr(want, f))
-    return {f: round(hits[f] / n, 4) for f in FIELDS}
+    return {f: round(v, 4) for f, v in accuracy(shapes.to_uint8(rec).cpu(), attrs).items()}
 
 
 @torch.no_grad()
