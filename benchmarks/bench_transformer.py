@@ -37,6 +37,7 @@ from diffquant.quantization.kernels import triton_ops  # noqa: E402
 from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
 
 GB = 1e9
+_DEFAULT_FAST_ACCUM = triton_ops.FP8_FAST_ACCUM
 
 
 def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512) -> dict:
@@ -277,11 +278,21 @@ def _free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def _compile_for(model, spec, variant: str, compiled: bool):
-    """Regional compile when asked; returns the undo function (or None). "-inductor" variants let
-    inductor generate the activation quantization (fused into the producer, shared by q/k/v)
-    instead of our kernel: see triton_ops.COMPILED_QUANT."""
-    triton_ops.COMPILED_QUANT = "inductor" if variant.endswith("-inductor") else "kernel"
+def _knobs(variant: str) -> str:
+    """Set the kernel knobs a variant name carries; returns the name without its "+" option.
+    "-inductor": inductor generates the activation quantization under compile (fused into the
+    producer, shared by q/k/v) instead of our kernel (triton_ops.COMPILED_QUANT); "+fa" / "+nofa":
+    FP8 GEMMs with / without fast accumulation (triton_ops.FP8_FAST_ACCUM; default: the library's)."""
+    name, _, opt = variant.partition("+")
+    if opt not in ("", "fa", "nofa"):
+        raise ValueError(f"variant option '+{opt}' unknown; valid: +fa, +nofa")
+    triton_ops.FP8_FAST_ACCUM = {"fa": True, "nofa": False, "": _DEFAULT_FAST_ACCUM}[opt]
+    triton_ops.COMPILED_QUANT = "inductor" if name.endswith("-inductor") else "kernel"
+    return name
+
+
+def _compile_for(model, spec, compiled: bool):
+    """Regional compile when asked; returns the undo function (or None)."""
     return regional_compile(model, spec["blocks"]) if compiled else None
 
 
@@ -291,7 +302,7 @@ def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     row = dict(variant=variant, mode="compiled (regional)" if compiled else "eager")
     model = base if variant == "bf16" else copy.deepcopy(base)
     t0 = time.perf_counter()
-    row["quantization"] = _quantize_variant(model, variant, spec["keep"])
+    row["quantization"] = _quantize_variant(model, _knobs(variant), spec["keep"])
     torch.cuda.synchronize()
     row["quantize_s"] = time.perf_counter() - t0
     row["weights_GB"] = (torch.cuda.memory_allocated() - mem0) / GB if model is not base else (
@@ -301,7 +312,7 @@ def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
         row["block_sqnr_db"] = sq
         row["sqnr_min_db"] = min(sq.values())
         row["sqnr_mean_db"] = sum(sq.values()) / len(sq)
-    restore = _compile_for(model, spec, variant, compiled)
+    restore = _compile_for(model, spec, compiled)
     with torch.no_grad():
         t0 = time.perf_counter()
         model(**inputs)
@@ -402,12 +413,40 @@ def _report(args, spec, env, rows, profiles, echo=False):
         print(f"wrote {path}")
 
 
+_CATEGORIES = [  # (category, name fragments), first match wins; inductor's kernels are named triton_{red,per,poi}_*
+    ("inductor reduction", ("triton_red", "triton_per")),
+    ("inductor pointwise", ("triton_poi",)),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "w8a8", "matmul")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("quantize (ours)", ("_quantize",)),
+]
+
+
+def kernel_categories(events) -> str:
+    """Device time per kernel category (ms, share, calls): where a forward's time goes."""
+    cats: dict[str, list[float]] = {}
+    for e in events:
+        t = getattr(e, "device_time_total", None)
+        t = e.cuda_time_total if t is None else t
+        if t <= 0 or e.key.startswith(("ProfilerStep", "aten::")):
+            continue
+        name = e.key.lower()
+        cat = next((c for c, frags in _CATEGORIES if any(f in name for f in frags)), "other")
+        acc = cats.setdefault(cat, [0.0, 0])
+        acc[0] += t / 1e3
+        acc[1] += e.count
+    total = sum(v[0] for v in cats.values()) or 1.0
+    lines = [f"{c:22s} {ms:9.2f} ms {100 * ms / total:5.1f}% {n:6d} calls"
+             for c, (ms, n) in sorted(cats.items(), key=lambda kv: -kv[1][0])]
+    return "kernel time by category (device)\n" + "\n".join(lines) + f"\n{'total':22s} {total:9.2f} ms"
+
+
 def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
     """Top CUDA kernels of one forward (after a warm-up forward, which also compiles)."""
     _free_memory()
     model = base if variant == "bf16" else copy.deepcopy(base)
-    _quantize_variant(model, variant, spec["keep"])
-    restore = _compile_for(model, spec, variant, compiled)
+    _quantize_variant(model, _knobs(variant), spec["keep"])
+    restore = _compile_for(model, spec, compiled)
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
@@ -416,7 +455,8 @@ def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(**inputs)
             torch.cuda.synchronize()
-    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=80)
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=100)
+    text += "\n" + kernel_categories(prof.key_averages())
     if restore is not None:
         restore()
     return text

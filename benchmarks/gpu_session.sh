@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, linear benchmark, transformer benchmark. Usage (from the repo root,
 # with the wheels of /work/shared/gpu-wheels.sh in .whl/):  bash benchmarks/gpu_session.sh STAGES...
-# STAGES: tests linear eager fused model compile (env vars tune each; see the case below); outputs go to $OUT.
+# STAGES: tests gemm linear eager fused model compile (env vars tune each; see the case below); outputs go to $OUT.
 # Stamp the commit first (git rev-parse --short HEAD > .device_commit) and carry it with .whl: the
 # device's git metadata can lag behind the copied tree.
 set -u
@@ -17,6 +17,8 @@ for stage in "$@"; do
              -p no:cacheprovider --maxfail=30 -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1
            echo "pytest exit $? (124: cut by the stage timeout, no summary line)"
            grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | cut -c1-200 | head -8; tail -2 "$OUT/pytest.txt";;
+    gemm) timeout ${GEMM_T:-150} python3 benchmarks/bench_gemm_kernels.py --out "$OUT" > "$OUT/gemm.log" 2>&1
+          tail -16 "$OUT/gemm.log";;
     linear) timeout ${LINEAR_T:-150} python3 benchmarks/bench_linear.py --out "$OUT" ${LINEAR_ARGS:-} > "$OUT/linear.log" 2>&1
             tail -3 "$OUT/linear.log";;
     eager) timeout ${EAGER_T:-200} python3 benchmarks/bench_transformer.py --tag eager --out "$OUT" \

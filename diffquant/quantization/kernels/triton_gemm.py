@@ -11,6 +11,8 @@ This module imports triton at import time; only `triton_ops` imports it, lazily,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -101,6 +103,67 @@ def _w8a8_mm_kernel(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _tile_of(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped tile order (GROUP_M row-tiles sweep the N tiles together: B tiles stay in L2)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (tile_id % group_size_m), (tile_id % num_pid_in_group) // group_size_m
+
+
+@triton.jit
+def _scale_store(c_desc, acc, off_m, off_n, sa_ptr, sb_ptr, bias_ptr, M, N, HAS_BIAS: tl.constexpr):
+    """acc [BM, BN] -> acc * sa[rows] * sb[cols] (+ bias[cols]) in float32, stored through TMA
+    (rows/cols past M/N are clipped by the descriptor)."""
+    offs_m = off_m + tl.arange(0, acc.shape[0])
+    offs_n = off_n + tl.arange(0, acc.shape[1])
+    sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
+    sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_desc.store([off_m, off_n], out.to(c_desc.dtype))
+
+
+@triton.jit
+def _w8a8_mm_tma_kernel(
+    a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+    HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    FLATTEN: tl.constexpr,
+):
+    """Persistent W8A8 GEMM for Hopper: one program per SM walks output tiles; operand tiles come
+    in through TMA descriptors (a: [M, K], b: [N, K], both K-major; K tails are zero-filled by the
+    descriptor), the scaled tile goes out through one (c: [M, N]). Same epilogue arithmetic as
+    _w8a8_mm_kernel, so int8 results are bit-identical to it."""
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    tile_c = start_pid - NUM_SMS  # epilogue's own counter (lets the pipeliner overlap tiles)
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_of(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT8 else tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            b = b_desc.load([off_n, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+        tile_c += NUM_SMS
+        pid_m, pid_n = _tile_of(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if SPLIT_EPILOGUE:  # two [BM, BN/2] halves: half the shared memory for the store
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _scale_store(c_desc, acc0, off_m, off_n, sa_ptr, sb_ptr, bias_ptr, M, N, HAS_BIAS)
+            _scale_store(c_desc, acc1, off_m, off_n + BLOCK_N // 2, sa_ptr, sb_ptr, bias_ptr, M, N, HAS_BIAS)
+        else:
+            _scale_store(c_desc, acc, off_m, off_n, sa_ptr, sb_ptr, bias_ptr, M, N, HAS_BIAS)
+
+
 _KEY = ["M_BUCKET", "N", "K", "IS_INT8"]
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_w8a8_mm_kernel)
 _mm_large = triton.autotune(configs=_LARGE_M_CONFIGS, key=_KEY)(_even_k)
@@ -144,4 +207,53 @@ def w8a8_scaled_mm(
     full = args + consts  # positional, in the kernel's signature order (EVEN_K, BLOCK_M, ...)
     _LAUNCHES.launch(key, grid, full, xq.device,
                      lambda: _w8a8_mm_kernel[grid](*full, num_warps=warps, num_stages=stages))
+    return out
+
+
+# Persistent TMA kernel (Hopper): (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split, flatten).
+TMA_CONFIGS = [
+    (128, 256, 128, 8, 8, 3, True, True),
+    (128, 256, 128, 8, 8, 4, True, True),
+    (128, 256, 128, 8, 8, 3, False, True),
+    (128, 256, 128, 8, 8, 3, True, False),
+    (128, 128, 128, 8, 8, 4, False, True),
+    (128, 128, 128, 8, 4, 4, False, True),
+    (256, 128, 128, 8, 8, 3, True, True),
+    (128, 256, 64, 8, 8, 4, True, True),
+]
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def tma_ok(xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides (K and N*itemsize multiples of 16)."""
+    k, n = xq.shape[1], wq.shape[0]
+    return (k % 16 == 0 and (n * torch.empty((), dtype=out_dtype).element_size()) % 16 == 0
+            and xq.stride(1) == 1 and wq.stride(1) == 1 and xq.stride(0) == k and wq.stride(0) == k
+            and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0)
+
+
+def w8a8_scaled_mm_tma(xq, x_scale, wq, w_scale, bias, out_dtype=torch.bfloat16, config=TMA_CONFIGS[0]):
+    """Same contract as w8a8_scaled_mm through the persistent TMA kernel (callers check tma_ok)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = xq.shape
+    n = wq.shape[0]
+    out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    if m == 0:
+        return out
+    bm, bn, bk, group, warps, stages, split, flatten = config
+    sa = x_scale.reshape(-1).float().expand(m).contiguous() if x_scale.numel() == 1 else x_scale.reshape(m)
+    sb = w_scale.reshape(-1).float().expand(n).contiguous() if w_scale.numel() == 1 else w_scale.reshape(n)
+    a_desc = TensorDescriptor.from_tensor(xq, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(wq, [bn, bk])
+    c_desc = TensorDescriptor.from_tensor(out, [bm, bn // 2 if split else bn])
+    sms = _num_sms(xq.device.index)
+    grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+    _w8a8_mm_tma_kernel[grid](a_desc, b_desc, c_desc, sa, sb, bias if bias is not None else sb, m, n, k,
+                              bias is not None, xq.dtype == torch.int8, bm, bn, bk, group, sms, split, flatten,
+                              num_warps=warps, num_stages=stages)
     return out

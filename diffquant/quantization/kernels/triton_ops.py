@@ -23,6 +23,10 @@ from diffquant.quantization import numerics as nx
 # Which GEMM runs FP8 W8A8 in the triton backend: "scaled_mm" (cuBLASLt: as fast or faster than ours at
 # all but one benchmarks/bench_linear.py shape, 2-40% at 3072-wide layers) or "triton" (ours).
 FP8_GEMM = "scaled_mm"
+# torch._scaled_mm's use_fast_accum for FP8 GEMMs: Hopper's FP8 tensor cores accumulate in reduced
+# precision unless partial sums are promoted to float32 every few MMAs; skipping the promotion is
+# faster and is what torchao (Float8DynamicActivationFloat8WeightConfig) and vLLM do for inference.
+FP8_FAST_ACCUM = False
 # Under torch.compile, who quantizes activations: "kernel" (our bit-exact custom op; measured on the
 # H200) or "inductor" (reference numerics as torch ops, fused into the producer and shared by q/k/v;
 # inductor's generated division may differ from IEEE in the last bit, so rare values can land one
@@ -144,7 +148,8 @@ def _weight_operands(layer) -> tuple:
 
 
 def _scaled_mm_fp8(xq, xs, w_t, sb, bias, out_dtype):
-    out = torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=sb, bias=bias, out_dtype=torch.bfloat16)
+    out = torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=sb, bias=bias, out_dtype=torch.bfloat16,
+                           use_fast_accum=FP8_FAST_ACCUM)
     return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
 
 
