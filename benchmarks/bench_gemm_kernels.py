@@ -51,7 +51,8 @@ def _variants(x, w, bias):
             lambda fast=fast: torch._scaled_mm(xqf, wtf, scale_a=xsf, scale_b=sbf, bias=bias,
                                                out_dtype=torch.bfloat16, use_fast_accum=fast), "fp8")
     for fmt, (xq, xs, wq, ws) in (("int8", (xq8, xs8, wq8, ws8)), ("fp8", (xqf, xsf, wqf, wsf))):
-        out[f"{fmt} triton classic"] = (lambda a=(xq, xs, wq, ws): triton_gemm.w8a8_scaled_mm(*a, bias), fmt)
+        out[f"{fmt} triton classic"] = (
+            lambda a=(xq, xs, wq, ws): triton_gemm.w8a8_scaled_mm(*a, bias, kernel="classic"), fmt)
         for i, cfg in enumerate(triton_gemm.TMA_CONFIGS):
             out[f"{fmt} triton tma#{i}"] = (
                 lambda a=(xq, xs, wq, ws), cfg=cfg: triton_gemm.w8a8_scaled_mm_tma(*a, bias, config=cfg), fmt)

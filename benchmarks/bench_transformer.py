@@ -33,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, md_table, sqnr_db, time_cuda, write_results  # noqa: E402
 from diffquant.engine.models import keep_patterns  # noqa: E402
 from diffquant.quantization import quantize_  # noqa: E402
-from diffquant.quantization.kernels import triton_ops  # noqa: E402
+from diffquant.quantization.kernels import inductor_tuning, triton_ops  # noqa: E402
 from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
 
 GB = 1e9
 _DEFAULT_FAST_ACCUM = triton_ops.FP8_FAST_ACCUM
+_DEFAULT_COMPILED_QUANT = triton_ops.COMPILED_QUANT
 
 
 def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512) -> dict:
@@ -164,9 +165,9 @@ def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...
     """Quantize `model` in place; returns a short description."""
     if variant == "bf16":
         return "bf16 (no quantization)"
-    if variant in ("fp8", "int8", "fp8-scaled_mm", "int8-int_mm", "fp8-inductor", "int8-inductor"):
+    if variant.partition("-")[0] in ("fp8", "int8") and not variant.startswith("ao-"):
         method, _, backend = variant.partition("-")
-        backend = "triton" if backend == "inductor" else backend
+        backend = "triton" if backend in ("inductor", "kernel") else backend
         report = quantize_(model, {"method": method, "backend": backend or "auto"}, keep_high_precision=keep)
         backends = sorted({layer.backend for layer in report.quantized})
         return f"diffquant {method}: {len(report.quantized)} layers on {','.join(backends)}, {len(report.kept)} kept"
@@ -280,27 +281,38 @@ def _free_memory() -> None:
 
 def _knobs(variant: str) -> str:
     """Set the kernel knobs a variant name carries; returns the name without its "+" option.
-    "-inductor": inductor generates the activation quantization under compile (fused into the
-    producer, shared by q/k/v) instead of our kernel (triton_ops.COMPILED_QUANT); "+fa" / "+nofa":
-    FP8 GEMMs with / without fast accumulation (triton_ops.FP8_FAST_ACCUM; default: the library's)."""
-    name, _, opt = variant.partition("+")
-    if opt not in ("", "fa", "nofa"):
-        raise ValueError(f"variant option '+{opt}' unknown; valid: +fa, +nofa")
-    triton_ops.FP8_FAST_ACCUM = {"fa": True, "nofa": False, "": _DEFAULT_FAST_ACCUM}[opt]
-    triton_ops.COMPILED_QUANT = "inductor" if name.endswith("-inductor") else "kernel"
+    "-inductor" / "-kernel": under compile, inductor generates the activation quantization (fused
+    into the producer, shared by q/k/v) / our kernel does (triton_ops.COMPILED_QUANT; no suffix: the
+    library's default); "+fa" / "+nofa":
+    FP8 GEMMs with / without fast accumulation (triton_ops.FP8_FAST_ACCUM; default: the library's);
+    "+wide": inductor keeps row reductions up to 16384 wide persistent (kernels.inductor_tuning)."""
+    name, *opts = variant.split("+")
+    unknown = set(opts) - {"fa", "nofa", "wide"}
+    if unknown:
+        raise ValueError(f"variant options {sorted(unknown)} unknown; valid: +fa, +nofa, +wide")
+    triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
+    triton_ops.COMPILED_QUANT = ("inductor" if name.endswith("-inductor") else "kernel" if name.endswith("-kernel")
+                                 else _DEFAULT_COMPILED_QUANT)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.inductor_choices_class = inductor_tuning.WideRowReductions if "wide" in opts else None
     return name
 
 
 def _compile_for(model, spec, compiled: bool):
-    """Regional compile when asked; returns the undo function (or None)."""
-    return regional_compile(model, spec["blocks"]) if compiled else None
+    """Regional compile when asked (from a clean dynamo cache: the knobs of the previous variant
+    must not be reused); returns the undo function (or None)."""
+    if not compiled:
+        return None
+    torch._dynamo.reset()
+    return regional_compile(model, spec["blocks"])
 
 
 def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     _free_memory()
     mem0 = torch.cuda.memory_allocated()
     row = dict(variant=variant, mode="compiled (regional)" if compiled else "eager")
-    model = base if variant == "bf16" else copy.deepcopy(base)
+    model = base if variant.partition("+")[0] == "bf16" else copy.deepcopy(base)
     t0 = time.perf_counter()
     row["quantization"] = _quantize_variant(model, _knobs(variant), spec["keep"])
     torch.cuda.synchronize()
@@ -363,17 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     captured = _capture_blocks(base, spec["sqnr_blocks"], inputs)
     env = environment()
     rows = []
-    # torchao compiled last (after the profiles): its compile time is the least predictable.
-    jobs = [(v, False) for v in args.variants] + [(v, True) for v in args.compile if not v.startswith("ao-")]
-    late = [(v, True) for v in args.compile if v.startswith("ao-")]
+    # In the order given (put torchao's compiled variants early: their compile time is the least
+    # predictable and a stage limit should not cut them), then the profiles.
+    jobs = [(v, False) for v in args.variants] + [(v, True) for v in args.compile]
     profiles = {}
-    for variant, compiled in jobs + [("__profiles__", False)] + late:
-        if variant == "__profiles__":
-            profiles = {v: profile_variant(base, spec, v, inputs) for v in args.profile}
-            profiles.update({f"{v} (compiled)": profile_variant(base, spec, v, inputs, compiled=True)
-                             for v in args.profile_compiled})
-            _report(args, spec, env, rows, profiles)
-            continue
+    for variant, compiled in jobs:
         try:
             row = run_variant(base, spec, variant, compiled, captured, inputs, args.reps)
         except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking the rest
@@ -386,6 +392,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print({k: v for k, v in row.items() if k != "block_sqnr_db"}, flush=True)
         _report(args, spec, env, rows, profiles)  # after every variant: a killed run keeps what it measured
+    for v in args.profile:
+        profiles[v] = profile_variant(base, spec, v, inputs)
+        _report(args, spec, env, rows, profiles)
+    for v in args.profile_compiled:
+        profiles[f"{v} (compiled)"] = profile_variant(base, spec, v, inputs, compiled=True)
+        _report(args, spec, env, rows, profiles)
     _report(args, spec, env, rows, profiles, echo=True)
 
 
@@ -404,7 +416,8 @@ def _report(args, spec, env, rows, profiles, echo=False):
           "SQNR: per-block output vs bf16 on identical block inputs (min / mean over "
           f"{', '.join(spec['sqnr_blocks'])}).\n\n" + md_table(rows, cols))
     for v, text in profiles.items():
-        md += f"\n## torch.profiler top CUDA kernels, {v} eager\n\n```\n{text}\n```\n"
+        title = v if v.endswith("(compiled)") else f"{v} (eager)"
+        md += f"\n## torch.profiler top CUDA kernels, {title}\n\n```\n{text}\n```\n"
     name = f"bench_transformer_{args.model}{('_' + args.tag) if args.tag else ''}"
     data = dict(env=env, spec=spec["shape"], fuse_qkv=args.fuse_qkv, rows=rows, profiles=profiles)
     path = write_results(name, data, md, args.out)
@@ -444,7 +457,7 @@ def kernel_categories(events) -> str:
 def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
     """Top CUDA kernels of one forward (after a warm-up forward, which also compiles)."""
     _free_memory()
-    model = base if variant == "bf16" else copy.deepcopy(base)
+    model = base if variant.partition("+")[0] == "bf16" else copy.deepcopy(base)
     _quantize_variant(model, _knobs(variant), spec["keep"])
     restore = _compile_for(model, spec, compiled)
     from torch.profiler import ProfilerActivity, profile

@@ -230,6 +230,33 @@ def test_w8a8_gemm_within_budget(fmt, m, k, n, bias, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k,n", [(113, 160, 272), (4224, 3072, 3072), (300, 12288, 200), (1100, 2064, 1544)])
+def test_tma_gemm_every_config(fmt, m, k, n, rng):
+    """The persistent TMA kernel at awkward shapes (M, N and K not multiples of the tiles), every
+    config: int8 bit-identical to the classic kernel (same epilogue on exact int32 sums), both
+    formats within the GEMM budget; the output is poisoned first, so unwritten tiles fail."""
+    require_cuda((9, 0))
+    from diffquant.quantization.kernels import triton_gemm
+
+    x = (torch.randn(m, k, generator=rng) * 3).to(torch.bfloat16).cuda()
+    w = (torch.randn(n, k, generator=rng) / k**0.5).cuda()
+    b = torch.randn(n, generator=rng).to(torch.bfloat16).cuda()
+    xq, xs = REF[fmt](x)
+    wq, ws = REF[fmt](w)
+    assert triton_gemm.tma_ok(xq, wq, torch.bfloat16)
+    classic = triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b, torch.bfloat16, kernel="classic")
+    for cfg in triton_gemm.TMA_CONFIGS:
+        torch.cuda.empty_cache()
+        poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del poison  # the allocator hands the NaN-filled block to the kernel's output next
+        out = triton_gemm.w8a8_scaled_mm_tma(xq, xs, wq, ws, b, torch.bfloat16, config=cfg)
+        _check_budget(out, xq, xs, wq, ws, b)
+        if fmt == "int8":
+            assert torch.equal(out, classic), cfg
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 @pytest.mark.parametrize("m", [1, 113, 4224])
 def test_quant_linear_triton_backend(method, m, rng):

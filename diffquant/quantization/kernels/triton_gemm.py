@@ -177,11 +177,21 @@ def w8a8_scaled_mm(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype = torch.bfloat16,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """xq: [M, K] int8|fp8, x_scale: [M, 1] f32, wq: [N, K] same dtype, w_scale: [N, 1] or [] f32,
-    bias: [N] or None -> [M, N] out_dtype."""
+    bias: [N] or None -> [M, N] out_dtype. kernel: "auto" (the persistent TMA kernel on Hopper for
+    M > 64 when the operands suit TMA, else the classic one), "tma" or "classic"."""
+    if kernel not in ("auto", "tma", "classic"):
+        raise ValueError(f"w8a8_scaled_mm: kernel must be 'auto', 'tma' or 'classic', got {kernel!r}")
     if xq.stride(-1) != 1:
         xq = xq.contiguous()
+    if kernel == "tma" or (kernel == "auto" and _use_tma(xq, wq, out_dtype)):
+        return _tma_tuned(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return _classic(xq, x_scale, wq, w_scale, bias, out_dtype)
+
+
+def _classic(xq, x_scale, wq, w_scale, bias, out_dtype):
     m, k = xq.shape
     n = wq.shape[0]
     out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
@@ -221,6 +231,37 @@ TMA_CONFIGS = [
     (256, 128, 128, 8, 8, 3, True, True),
     (128, 256, 64, 8, 8, 4, True, True),
 ]
+
+
+@functools.cache
+def _tma_supported(index: int) -> bool:
+    """Hopper or newer, and a Triton with host-side tensor descriptors."""
+    if torch.cuda.get_device_capability(index) < (9, 0):
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_tma(xq, wq, out_dtype) -> bool:
+    return xq.shape[0] > _SMALL_M and xq.is_cuda and _tma_supported(xq.device.index) and tma_ok(xq, wq, out_dtype)
+
+
+_TMA_TUNED: dict[tuple, tuple] = {}  # (M bucket, N, K, dtype, bias) -> best TMA config
+
+
+def _tma_tuned(xq, x_scale, wq, w_scale, bias, out_dtype):
+    """The TMA kernel with the fastest of TMA_CONFIGS for this shape class, timed on first use."""
+    key = (_m_bucket(xq.shape[0]), wq.shape[0], xq.shape[1], xq.dtype, bias is not None, out_dtype)
+    cfg = _TMA_TUNED.get(key)
+    if cfg is None:
+        def time_of(c):
+            return triton.testing.do_bench(lambda: w8a8_scaled_mm_tma(xq, x_scale, wq, w_scale, bias, out_dtype, c),
+                                           warmup=5, rep=20, return_mode="median")
+        cfg = _TMA_TUNED[key] = min(TMA_CONFIGS, key=time_of)
+    return w8a8_scaled_mm_tma(xq, x_scale, wq, w_scale, bias, out_dtype, cfg)
 
 
 @functools.cache

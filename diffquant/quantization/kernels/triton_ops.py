@@ -23,15 +23,20 @@ from diffquant.quantization import numerics as nx
 # Which GEMM runs FP8 W8A8 in the triton backend: "scaled_mm" (cuBLASLt: as fast or faster than ours at
 # all but one benchmarks/bench_linear.py shape, 2-40% at 3072-wide layers) or "triton" (ours).
 FP8_GEMM = "scaled_mm"
-# torch._scaled_mm's use_fast_accum for FP8 GEMMs: Hopper's FP8 tensor cores accumulate in reduced
+# torch._scaled_mm's use_fast_accum for FP8 GEMMs. Hopper's FP8 tensor cores accumulate in reduced
 # precision unless partial sums are promoted to float32 every few MMAs; skipping the promotion is
-# faster and is what torchao (Float8DynamicActivationFloat8WeightConfig) and vLLM do for inference.
-FP8_FAST_ACCUM = False
-# Under torch.compile, who quantizes activations: "kernel" (our bit-exact custom op; measured on the
-# H200) or "inductor" (reference numerics as torch ops, fused into the producer and shared by q/k/v;
-# inductor's generated division may differ from IEEE in the last bit, so rare values can land one
-# fp8/int8 step away from eager; traced on CPU, NOT yet timed or checked on a GPU).
-COMPILED_QUANT = "kernel"
+# what torchao (Float8DynamicActivationFloat8WeightConfig's default) and vLLM do for inference.
+# Measured on the H200 (benchmarks/results/bench_gemm_kernels.md): the FP8 GEMMs of one FLUX.1-dev
+# forward take 47.3 ms with it and 52.8 ms without; the error vs the float64 product of the
+# quantized operands rises from 1.7e-3 to 3.1e-3 (K=12288) / 3.4e-3 (K=15360), ten times under
+# the activation quantization's own error. Set False for the promoted (slower) accumulation.
+FP8_FAST_ACCUM = True
+# Under torch.compile, who quantizes activations: "inductor" (the reference numerics as torch ops:
+# inductor fuses them into the kernel that produces x and computes them once for q/k/v; its
+# generated division may differ from IEEE in the last bit, so rare values land one fp8/int8 step
+# away from eager) or "kernel" (our bit-exact custom op, opaque to inductor). Both pass the GPU
+# compile test; "inductor" measured 4.4 ms faster per FLUX.1-dev forward (benchmarks/NOTES.md run 4).
+COMPILED_QUANT = "inductor"
 
 
 @functools.cache
