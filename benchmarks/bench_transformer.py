@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import inductor_tuning  # noqa: E402
 from benchmarks.common import environment, md_table, sqnr_db, time_cuda, write_results  # noqa: E402
 from diffquant.engine.models import keep_patterns  # noqa: E402
 from diffquant.quantization import quantize_  # noqa: E402
-from diffquant.quantization.kernels import inductor_tuning, triton_ops  # noqa: E402
+from diffquant.quantization.kernels import triton_ops  # noqa: E402
 from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
 
 GB = 1e9
@@ -285,7 +286,7 @@ def _knobs(variant: str) -> str:
     into the producer, shared by q/k/v) / our kernel does (triton_ops.COMPILED_QUANT; no suffix: the
     library's default); "+fa" / "+nofa":
     FP8 GEMMs with / without fast accumulation (triton_ops.FP8_FAST_ACCUM; default: the library's);
-    "+wide": inductor keeps row reductions up to 16384 wide persistent (kernels.inductor_tuning)."""
+    "+wide": inductor keeps row reductions up to 16384 wide persistent (benchmarks/inductor_tuning)."""
     name, *opts = variant.split("+")
     unknown = set(opts) - {"fa", "nofa", "wide"}
     if unknown:
@@ -309,6 +310,19 @@ def _compile_for(model, spec, compiled: bool):
 
 
 def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
+    """One variant, with inductor's config restored afterwards: torchao's quantize_ configs call
+    torchao.quantization.utils.recommended_inductor_config_setter() (coordinate-descent tuning on,
+    process-wide, never undone), which must not leak into the variants measured after them."""
+    import torch._inductor.config as inductor_config
+
+    saved = inductor_config.save_config()
+    try:
+        return _run_variant(base, spec, variant, compiled, captured, inputs, reps)
+    finally:
+        inductor_config.load_config(saved)
+
+
+def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     _free_memory()
     mem0 = torch.cuda.memory_allocated()
     row = dict(variant=variant, mode="compiled (regional)" if compiled else "eager")

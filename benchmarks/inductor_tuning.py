@@ -8,7 +8,9 @@ cat(attention, gelu(mlp)) rows of 15360), so the norm + quantize and gelu + quan
 read their input two or three times. `WideRowReductions` raises the limit for inner (row)
 reductions to 16384 elements.
 
-Imports inductor: import this module only when compiling (importing diffquant stays light).
+A benchmark knob (bench_transformer's "+wide" variants), not a library default: on the H200 it did
+not help (benchmarks/NOTES.md run 5: compiled FLUX bf16 132.4 -> 133.4 ms, fp8 106.0 ms against
+102.6 without it in the previous call) and the first compile took 64-199 s.
 """
 
 from __future__ import annotations
