@@ -23,16 +23,14 @@ from diffquant.quantization import numerics as nx
 # Which GEMM runs FP8 W8A8 in the triton backend: "scaled_mm" (cuBLASLt: as fast or faster than ours at
 # all but one benchmarks/bench_linear.py shape, 2-40% at 3072-wide layers) or "triton" (ours).
 FP8_GEMM = "scaled_mm"
-# torch._scaled_mm's use_fast_accum for FP8 GEMMs: "compiled" (under torch.compile only), True or
-# False. Hopper's FP8 tensor cores accumulate in reduced precision unless partial sums are promoted
-# to float32 every few MMAs; skipping the promotion is what torchao (Float8DynamicActivation-
-# Float8WeightConfig's default) and vLLM do for inference. On the H200 (benchmarks/NOTES.md run 5):
-# the FP8 GEMMs of one FLUX.1-dev forward take 47.3 ms of GPU time with it, 52.8 ms without, and
-# compiled FLUX goes 109.4 -> 102.6 ms; but eager FLUX, where ~420 GEMM calls a forward keep the
-# host busy, went 151.6 -> 164.5 ms with it, so eager keeps the promoted accumulation. Error vs
-# the float64 product of the quantized operands: 1.7e-3 promoted, 3.1e-3 (K=12288) / 3.4e-3
-# (K=15360) fast, ten times under the activation quantization's own error.
-FP8_FAST_ACCUM = "compiled"
+# torch._scaled_mm's use_fast_accum for FP8 GEMMs. Hopper's FP8 tensor cores accumulate in reduced
+# precision unless partial sums are promoted to float32 every few MMAs; skipping the promotion is
+# what torchao (Float8DynamicActivationFloat8WeightConfig's default) and vLLM do for inference.
+# On the H200 (benchmarks/NOTES.md run 5): the FP8 GEMMs of one FLUX.1-dev forward take 47.3 ms of
+# GPU time with it and 52.8 ms without; FLUX eager 146.0 vs 150.3 ms, compiled 102.6 vs 109.4 ms.
+# Error vs the float64 product of the quantized operands: 1.7e-3 promoted, 3.1e-3 (K=12288) /
+# 3.4e-3 (K=15360) fast, ten times under the activation quantization's own error.
+FP8_FAST_ACCUM = True
 # Under torch.compile, who quantizes activations: "inductor" (the reference numerics as torch ops:
 # inductor fuses them into the kernel that produces x and computes them once for q/k/v; its
 # generated division may differ from IEEE in the last bit, so rare values land one fp8/int8 step
@@ -155,9 +153,9 @@ def _weight_operands(layer) -> tuple:
     return cache
 
 
-def _scaled_mm_fp8(xq, xs, w_t, sb, bias, out_dtype, compiling: bool = False):
-    fast = FP8_FAST_ACCUM is True or (FP8_FAST_ACCUM == "compiled" and compiling)
-    out = torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=sb, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast)
+def _scaled_mm_fp8(xq, xs, w_t, sb, bias, out_dtype):
+    out = torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=sb, bias=bias, out_dtype=torch.bfloat16,
+                           use_fast_accum=FP8_FAST_ACCUM)
     return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
 
 
@@ -173,7 +171,7 @@ def _triton_linear_traced(layer, x2d: torch.Tensor) -> torch.Tensor:
     else:
         xq, xs = torch.ops.diffquant.quantize_per_token(x2d, fmt)
     if fmt == "fp8" and FP8_GEMM == "scaled_mm" and x2d.is_cuda:
-        return _scaled_mm_fp8(xq, xs, *_fp8_weight_side(layer), x2d.dtype, compiling=True)
+        return _scaled_mm_fp8(xq, xs, *_fp8_weight_side(layer), x2d.dtype)
     return torch.ops.diffquant.w8a8_scaled_mm(xq, xs, layer.qweight, layer.weight_scale, layer.bias, x2d.dtype)
 
 
@@ -192,6 +190,7 @@ def triton_linear(layer, x2d: torch.Tensor) -> torch.Tensor:
     wq, w_t, sb, bias = _weight_operands(layer)
     if fmt == "fp8" and FP8_GEMM == "scaled_mm" and x2d.is_cuda:
         return _scaled_mm_fp8(xq, xs, w_t, sb, bias, x2d.dtype)
-    # The classic Triton GEMM in eager mode: the persistent TMA kernel is faster on the GPU, but its
-    # three host-side TMA descriptors per call made eager int8 FLUX host-bound (177 -> 205 ms, run 5).
+    # The classic Triton GEMM in eager mode: the persistent TMA kernel is faster on the GPU, but it
+    # builds three host-side TMA descriptors per call; eager int8 FLUX ran 41 ms behind fp8 with it
+    # and 11.5 ms behind with the classic kernel (benchmarks/NOTES.md runs 5b, 5c).
     return w8a8_scaled_mm_impl(xq, xs, wq, layer.weight_scale, layer.bias, x2d.dtype, kernel="classic")
