@@ -445,7 +445,8 @@ _CATEGORIES = [  # (category, name fragments), first match wins; inductor's kern
     ("inductor pointwise", ("triton_poi",)),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "w8a8", "matmul")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
-    ("quantize (ours)", ("_quantize",)),
+    ("quantize (ours)", ("_quant_rows", "_quant_long_rows")),
+    ("aten elementwise / norm / copy (eager)", ("at::native",)),
 ]
 
 
@@ -463,9 +464,9 @@ def kernel_categories(events) -> str:
         acc[0] += t / 1e3
         acc[1] += e.count
     total = sum(v[0] for v in cats.values()) or 1.0
-    lines = [f"{c:22s} {ms:9.2f} ms {100 * ms / total:5.1f}% {n:6d} calls"
+    lines = [f"{c:40s} {ms:9.2f} ms {100 * ms / total:5.1f}% {n:6d} calls"
              for c, (ms, n) in sorted(cats.items(), key=lambda kv: -kv[1][0])]
-    return "kernel time by category (device)\n" + "\n".join(lines) + f"\n{'total':22s} {total:9.2f} ms"
+    return "kernel time by category (device)\n" + "\n".join(lines) + f"\n{'total':40s} {total:9.2f} ms"
 
 
 def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
