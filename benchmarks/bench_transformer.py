@@ -286,17 +286,22 @@ def _knobs(variant: str) -> str:
     into the producer, shared by q/k/v) / our kernel does (triton_ops.COMPILED_QUANT; no suffix: the
     library's default); "+fa" / "+nofa":
     FP8 GEMMs with / without fast accumulation (triton_ops.FP8_FAST_ACCUM; default: the library's);
-    "+wide": inductor keeps row reductions up to 16384 wide persistent (benchmarks/inductor_tuning)."""
+    "+wide": inductor keeps row reductions up to 16384 wide persistent (benchmarks/inductor_tuning);
+    "+cdt": inductor's coordinate-descent tuning of its generated kernels (torchao's compiled variants
+    get it from torchao's own config setter)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt"}
     if unknown:
-        raise ValueError(f"variant options {sorted(unknown)} unknown; valid: +fa, +nofa, +wide")
+        raise ValueError(f"variant options {sorted(unknown)} unknown; valid: +fa, +nofa, +wide, +cdt")
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     triton_ops.COMPILED_QUANT = ("inductor" if name.endswith("-inductor") else "kernel" if name.endswith("-kernel")
                                  else _DEFAULT_COMPILED_QUANT)
     import torch._inductor.config as inductor_config
 
     inductor_config.inductor_choices_class = inductor_tuning.WideRowReductions if "wide" in opts else None
+    if "cdt" in opts:  # what torchao's recommended_inductor_config_setter turns on (run_variant restores it)
+        inductor_config.coordinate_descent_tuning = True
+        inductor_config.coordinate_descent_check_all_directions = True
     return name
 
 

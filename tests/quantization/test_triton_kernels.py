@@ -257,6 +257,23 @@ def test_tma_gemm_every_config(fmt, m, k, n, rng):
 
 
 @pytest.mark.gpu
+def test_gemm_kernel_choice_is_checked(rng):
+    """A kernel name outside the choices, or kernel="tma" on operands TMA cannot describe, is a
+    ValueError naming the problem (never a silent switch to the other kernel)."""
+    require_cuda((9, 0))
+    from diffquant.quantization.kernels import triton_gemm
+
+    xq, xs = REF["int8"]((torch.randn(80, 150, generator=rng)).cuda())  # K=150: not a multiple of 16
+    wq, ws = REF["int8"]((torch.randn(64, 150, generator=rng)).cuda())
+    assert not triton_gemm.tma_ok(xq, wq, torch.bfloat16)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, None, kernel="tma")
+    with pytest.raises(ValueError, match="'auto', 'tma' or 'classic'"):
+        triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, None, kernel="cutlass")
+    _check_budget(triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, None), xq, xs, wq, ws, None)  # auto: classic
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 @pytest.mark.parametrize("m", [1, 113, 4224])
 def test_quant_linear_triton_backend(method, m, rng):

@@ -6,6 +6,11 @@ E4M3FN operands in float32. Both operands are K-major ([M, K] and [N, K] row-maj
 Hopper's 8-bit wgmma wants, so the weight is used as stored. Any M works (M=1 for FLUX's
 modulation linears): small M gets narrow tiles, the rest is masked.
 
+Two kernels: the classic tiled one (any layout, autotuned through triton.autotune) and, on Hopper
+for M > 64, a persistent one fed by TMA descriptors (one program per SM; 5-10% faster at the FLUX
+shapes, bit-identical for int8). Triton 3.6 emits int8 wgmma as m64n128k32 (fp8: m64n256k32), so
+int8 runs ~15% under fp8 here at equal tiles.
+
 This module imports triton at import time; only `triton_ops` imports it, lazily, on CUDA.
 """
 
@@ -186,6 +191,9 @@ def w8a8_scaled_mm(
         raise ValueError(f"w8a8_scaled_mm: kernel must be 'auto', 'tma' or 'classic', got {kernel!r}")
     if xq.stride(-1) != 1:
         xq = xq.contiguous()
+    if kernel == "tma" and not tma_ok(xq, wq, out_dtype):
+        raise ValueError("w8a8_scaled_mm: kernel='tma' needs contiguous operands with K and N * output itemsize "
+                         f"multiples of 16 bytes (K={xq.shape[1]}, N={wq.shape[0]}, {out_dtype})")
     if kernel == "tma" or (kernel == "auto" and _use_tma(xq, wq, out_dtype)):
         return _tma_tuned(xq, x_scale, wq, w_scale, bias, out_dtype)
     return _classic(xq, x_scale, wq, w_scale, bias, out_dtype)
@@ -220,7 +228,8 @@ def _classic(xq, x_scale, wq, w_scale, bias, out_dtype):
     return out
 
 
-# Persistent TMA kernel (Hopper): (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split, flatten).
+# Persistent TMA kernel (Hopper): (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split, flatten),
+# every config benchmarks/bench_gemm_kernels.py measures (and the GPU test checks).
 TMA_CONFIGS = [
     (128, 256, 128, 8, 8, 3, True, True),
     (128, 256, 128, 8, 8, 4, True, True),
@@ -249,18 +258,21 @@ def _use_tma(xq, wq, out_dtype) -> bool:
     return xq.shape[0] > _SMALL_M and xq.is_cuda and _tma_supported(xq.device.index) and tma_ok(xq, wq, out_dtype)
 
 
-_TMA_TUNED: dict[tuple, tuple] = {}  # (M bucket, N, K, dtype, bias) -> best TMA config
+# The ones tuned on first use: each was the fastest at some FLUX.1-dev shape on the H200
+# (benchmarks/results/bench_gemm_kernels.md: #2 at M >= 4096, #5 at M = 512, #6 and #1 close behind).
+_TMA_AUTOTUNE = [TMA_CONFIGS[i] for i in (2, 5, 6, 1)]
+_TMA_TUNED: dict[tuple, tuple] = {}  # (M bucket, N, K, dtype, bias?, out dtype) -> best TMA config
 
 
 def _tma_tuned(xq, x_scale, wq, w_scale, bias, out_dtype):
-    """The TMA kernel with the fastest of TMA_CONFIGS for this shape class, timed on first use."""
+    """The TMA kernel with the fastest of _TMA_AUTOTUNE for this shape class, timed on first use."""
     key = (_m_bucket(xq.shape[0]), wq.shape[0], xq.shape[1], xq.dtype, bias is not None, out_dtype)
     cfg = _TMA_TUNED.get(key)
     if cfg is None:
         def time_of(c):
             return triton.testing.do_bench(lambda: w8a8_scaled_mm_tma(xq, x_scale, wq, w_scale, bias, out_dtype, c),
                                            warmup=5, rep=20, return_mode="median")
-        cfg = _TMA_TUNED[key] = min(TMA_CONFIGS, key=time_of)
+        cfg = _TMA_TUNED[key] = min(_TMA_AUTOTUNE, key=time_of)
     return w8a8_scaled_mm_tma(xq, x_scale, wq, w_scale, bias, out_dtype, cfg)
 
 
@@ -272,7 +284,7 @@ def _num_sms(index: int) -> int:
 def tma_ok(xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """TMA descriptors need 16-byte aligned bases and row strides (K and N*itemsize multiples of 16)."""
     k, n = xq.shape[1], wq.shape[0]
-    return (k % 16 == 0 and (n * torch.empty((), dtype=out_dtype).element_size()) % 16 == 0
+    return (k % 16 == 0 and (n * out_dtype.itemsize) % 16 == 0
             and xq.stride(1) == 1 and wq.stride(1) == 1 and xq.stride(0) == k and wq.stride(0) == k
             and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0)
 
