@@ -42,15 +42,16 @@ _DEFAULT_FAST_ACCUM = triton_ops.FP8_FAST_ACCUM
 _DEFAULT_COMPILED_QUANT = triton_ops.COMPILED_QUANT
 
 
-def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512) -> dict:
+def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512, **overrides) -> dict:
     from diffusers import FluxTransformer2DModel
 
+    cfg = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+               axes_dims_rope=(16, 56, 56))
+    cfg.update(overrides)
+
     def build():
-        return FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        )
+        return FluxTransformer2DModel(**cfg)
 
     def inputs(dev):
         h, w = height // 16, width // 16  # 8x VAE, 2x2 patches -> tokens
@@ -60,9 +61,10 @@ def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512) -> 
         img_ids[..., 2] = torch.arange(w, device=dev)[None, :]
         bf = torch.bfloat16
         return dict(
-            hidden_states=torch.randn(1, h * w, 64, device=dev, generator=g).to(bf),
-            encoder_hidden_states=torch.randn(1, text_tokens, 4096, device=dev, generator=g).to(bf),
-            pooled_projections=torch.randn(1, 768, device=dev, generator=g).to(bf),
+            hidden_states=torch.randn(1, h * w, cfg["in_channels"], device=dev, generator=g).to(bf),
+            encoder_hidden_states=torch.randn(1, text_tokens, cfg["joint_attention_dim"], device=dev,
+                                              generator=g).to(bf),
+            pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], device=dev, generator=g).to(bf),
             timestep=torch.tensor([0.5], device=dev, dtype=bf),
             img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text_tokens, 3, device=dev),
             guidance=torch.tensor([3.5], device=dev, dtype=bf), return_dict=False,
@@ -70,8 +72,8 @@ def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512) -> 
 
     return dict(
         build=build, inputs=inputs, blocks=("transformer_blocks", "single_transformer_blocks"),
-        sqnr_blocks=("transformer_blocks.0", "transformer_blocks.18", "single_transformer_blocks.0",
-                     "single_transformer_blocks.37"),
+        sqnr_blocks=("transformer_blocks.0", f"transformer_blocks.{cfg['num_layers'] - 1}",
+                     "single_transformer_blocks.0", f"single_transformer_blocks.{cfg['num_single_layers'] - 1}"),
         # DESIGN decision 8: modulation, embedders, norm_out and the final proj_out stay bf16
         # (the engine's FLUX profile; torchao gets the same layer filter).
         keep=keep_patterns("flux1-dev"),
@@ -261,7 +263,11 @@ def _capture_blocks(model, names, inputs):
 
 
 def _flat(out) -> torch.Tensor:
-    return torch.cat([o.reshape(-1).float() for o in (out if isinstance(out, tuple) else (out,))])
+    """A block's or model's output (a tensor, or tuples/lists of them, e.g. Z-Image's list) as one
+    flat float32 vector."""
+    if isinstance(out, torch.Tensor):
+        return out.reshape(-1).float()
+    return torch.cat([_flat(o) for o in out])
 
 
 def block_sqnr(model, captured) -> dict[str, float]:

@@ -1,0 +1,75 @@
+"""CPU checks of bench_transformer's model specs at tiny sizes: every spec builds its diffusers
+transformer, its inputs run a forward, the block names it measures exist, quantization through
+the same helper the benchmark uses keeps the per-block output close, and the regional-compile
+wrapper (with the eager backend) gives the uncompiled output. GPU runs of these specs cost device
+time; a spec that breaks should break here first."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from benchmarks import bench_transformer as bench
+
+TINY = {
+    "flux1-dev": dict(height=64, width=48, text_tokens=7, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                      num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+                      axes_dims_rope=(4, 6, 6)),
+    "qwen-image": dict(height=64, width=48, text_tokens=7, num_layers=2, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+    "wan2.2-a14b": dict(frames=5, height=32, width=48, text_tokens=7, num_layers=2, num_attention_heads=2,
+                        attention_head_dim=16, ffn_dim=64, text_dim=32, freq_dim=32),
+    "z-image": dict(height=64, width=48, text_tokens=7, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
+                    n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[64, 32, 32]),
+}
+
+
+def _flat(out):
+    return bench._flat(out).float()
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_spec_builds_runs_and_quantizes(name):
+    torch.manual_seed(0)
+    spec = bench.SPECS[name](**TINY[name])
+    base = spec["build"]().to(torch.bfloat16).eval().requires_grad_(False)
+    inputs = spec["inputs"]("cpu")
+    for block in spec["sqnr_blocks"]:
+        base.get_submodule(block)  # raises if the spec names a block the model does not have
+    captured = bench._capture_blocks(base, spec["sqnr_blocks"], inputs)
+    assert set(captured) == set(spec["sqnr_blocks"])
+    with torch.no_grad():
+        ref = _flat(base(**inputs))
+    assert torch.isfinite(ref).all()
+    model = copy.deepcopy(base)
+    desc = bench._quantize_variant(model, bench._knobs("fp8"), spec["keep"])
+    assert "diffquant fp8" in desc and " 0 layers" not in desc, desc
+    sq = bench.block_sqnr(model, captured)
+    assert min(sq.values()) > 35, sq  # measured 40-53 dB at these sizes (FLUX.1-dev full size: 52.6)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_regional_compile_wrapper_matches_uncompiled(name):
+    """One shared graph per block type with each block's weights as inputs: the eager backend must
+    reproduce the model exactly, and restore() must put the original blocks back."""
+    torch.manual_seed(0)
+    spec = bench.SPECS[name](**TINY[name])
+    model = spec["build"]().to(torch.bfloat16).eval().requires_grad_(False)
+    inputs = spec["inputs"]("cpu")
+    originals = {attr: list(getattr(model, attr)) for attr in spec["blocks"]}
+    with torch.no_grad():
+        ref = _flat(model(**inputs))
+        torch._dynamo.reset()
+        restore = bench.regional_compile(model, spec["blocks"], backend="eager")
+        out = _flat(model(**inputs))
+    restore()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for attr, blocks in originals.items():
+        assert all(a is b for a, b in zip(getattr(model, attr), blocks, strict=True))
+
+
+def test_unknown_variant_option_is_an_error():
+    with pytest.raises(ValueError, match=r"\+fa, \+nofa, \+wide, \+cdt"):
+        bench._knobs("fp8+fast")
