@@ -19,6 +19,7 @@ eager).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import sys
@@ -168,7 +169,7 @@ def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...
     """Quantize `model` in place; returns a short description."""
     if variant == "bf16":
         return "bf16 (no quantization)"
-    if variant.partition("-")[0] in ("fp8", "int8") and not variant.startswith("ao-"):
+    if variant.partition("-")[0] in ("fp8", "int8"):
         method, _, backend = variant.partition("-")
         backend = "triton" if backend in ("inductor", "kernel") else backend
         report = quantize_(model, {"method": method, "backend": backend or "auto"}, keep_high_precision=keep)
@@ -320,17 +321,23 @@ def _compile_for(model, spec, compiled: bool):
     return regional_compile(model, spec["blocks"])
 
 
-def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
-    """One variant, with inductor's config restored afterwards: torchao's quantize_ configs call
+@contextlib.contextmanager
+def _inductor_config_restored():
+    """Inductor's config as it was on entry, afterwards: torchao's quantize_ configs call
     torchao.quantization.utils.recommended_inductor_config_setter() (coordinate-descent tuning on,
-    process-wide, never undone), which must not leak into the variants measured after them."""
+    process-wide, never undone) and our "+" knobs set it too; neither may leak into later variants."""
     import torch._inductor.config as inductor_config
 
     saved = inductor_config.save_config()
     try:
-        return _run_variant(base, spec, variant, compiled, captured, inputs, reps)
+        yield
     finally:
         inductor_config.load_config(saved)
+
+
+def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
+    with _inductor_config_restored():
+        return _run_variant(base, spec, variant, compiled, captured, inputs, reps)
 
 
 def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
@@ -417,11 +424,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print({k: v for k, v in row.items() if k != "block_sqnr_db"}, flush=True)
         _report(args, spec, env, rows, profiles)  # after every variant: a killed run keeps what it measured
-    for v in args.profile:
-        profiles[v] = profile_variant(base, spec, v, inputs)
-        _report(args, spec, env, rows, profiles)
-    for v in args.profile_compiled:
-        profiles[f"{v} (compiled)"] = profile_variant(base, spec, v, inputs, compiled=True)
+    for v, compiled in [(v, False) for v in args.profile] + [(v, True) for v in args.profile_compiled]:
+        with _inductor_config_restored():
+            profiles[f"{v} (compiled)" if compiled else v] = profile_variant(base, spec, v, inputs, compiled)
         _report(args, spec, env, rows, profiles)
     _report(args, spec, env, rows, profiles, echo=True)
 
