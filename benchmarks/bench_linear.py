@@ -186,6 +186,13 @@ def bench_quant_configs(ceilings: dict) -> list[dict]:
         best = min((r for r in rows if r["M"] == m and r["K"] == k), key=lambda r: r["ms"])
         print(f"quant config {m}x{k}: best rows={best['rows']} warps={best['warps']} {best['ms']*1e3:.1f} us "
               f"{best['TBps']:.2f} TB/s; default {triton_quant._launch_config(k)}", flush=True)
+        # Probe: the same launch with a reciprocal multiply instead of the IEEE division (not the numerics).
+        t = time_cuda(lambda x=x, b=best: triton_quant.quantize_per_token(x, "fp8", rows=b["rows"], warps=b["warps"],
+                                                                            exact_div=False),
+                      warmup=3, reps=10, inner=10)
+        tbps = (m * k * 3 + m * 4) / t["ms"] / 1e9
+        rows.append(dict(M=m, K=k, rows=best["rows"], warps=best["warps"], ms=t["ms"], TBps=tbps,
+                         pct_copy=100 * tbps / ceilings["copy_TBps"], division="reciprocal multiply (probe)"))
     return rows
 
 
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
           + "\n## CPU time per call (eager overhead, M=16 K=N=256)\n\n"
           + md_table(overhead, ["case", "cpu_us_per_call"])
           + "\n## Quantize kernel launch configurations (fp8)\n\n"
-          + md_table(qconfigs, ["M", "K", "rows", "warps", "ms", "TBps", "pct_copy"]))
+          + md_table(qconfigs, ["M", "K", "rows", "warps", "division", "ms", "TBps", "pct_copy"]))
     path = write_results("bench_linear", dict(env=env, ceilings=ceilings, rows=rows, quantize=qrows,
                                                   overhead=overhead, quant_configs=qconfigs), md, args.out)
     print(md)

@@ -48,8 +48,11 @@ def _round_half_even(y, RINT: tl.constexpr):
 def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     QMAX: tl.constexpr, IS_INT8: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, RINT: tl.constexpr,
+    EXACT_DIV: tl.constexpr = True,
 ):
-    """ROWS whole rows per program. x: [M, K] (unit stride along K) -> q: [M, K], s: [M]."""
+    """ROWS whole rows per program. x: [M, K] (unit stride along K) -> q: [M, K], s: [M].
+    EXACT_DIV=False multiplies by the row's reciprocal instead of dividing (NOT the numerics: a
+    benchmark probe of how much the per-element IEEE division costs)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < M
@@ -60,7 +63,10 @@ def _quant_rows_kernel(
     qmax = tl.full(amax.shape, QMAX, tl.float32)
     # All-zero row -> scale 1: 0 / 1 encodes exactly and nothing divides by zero.
     scale = tl.where(amax > 0.0, tl.div_rn(amax, qmax), 1.0)
-    y = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+    if EXACT_DIV:
+        y = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+    else:
+        y = x * tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if IS_INT8:  # noqa: SIM108
         q = _round_half_even(y, RINT).to(tl.int8)  # round half to even, like torch.round
@@ -109,11 +115,12 @@ def _launch_config(k: int) -> tuple[int, int, int]:
     return rows, warps, block
 
 
-def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None,
-                       warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None, warps: int | None = None,
+                       exact_div: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] float (CUDA) -> (q: [M, K] float8_e4m3fn | int8, scale: [M, 1] float32).
 
-    rows / warps override the launch configuration (for benchmarking only)."""
+    rows / warps override the launch configuration and exact_div=False swaps the IEEE division for
+    a reciprocal multiply (rows up to 16384 elements; not bit-exact): for benchmarking only."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -127,7 +134,7 @@ def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None,
     if block <= _MAX_ROW_BLOCK:
         r, w = rows or r, warps or w
         kernel, grid = _quant_rows_kernel, (triton.cdiv(m, r), 1, 1)
-        args = (x, q, scale, m, k, x.stride(0), q.stride(0), qmax, is_int8, r, block, _RINT)
+        args = (x, q, scale, m, k, x.stride(0), q.stride(0), qmax, is_int8, r, block, _RINT, exact_div)
     else:
         kernel, grid, w = _quant_long_rows_kernel, (m, 1, 1), warps or 8
         args = (x, q, scale, m, k, x.stride(0), q.stride(0), qmax, is_int8, 4096, _RINT)
