@@ -37,6 +37,10 @@ FP8_FAST_ACCUM = True
 # away from eager) or "kernel" (our bit-exact custom op, opaque to inductor). Both pass the GPU
 # compile test; "inductor" measured 4.4 ms faster per FLUX.1-dev forward (benchmarks/NOTES.md run 4).
 COMPILED_QUANT = "inductor"
+# "hybrid" (a candidate, not yet measured): our kernel for activations wider than this, inductor
+# below. Wide activations (FLUX: gelu(mlp) rows of 12288, cat(attn, gelu(mlp)) rows of 15360) got
+# an amax pass and a quantize pass from inductor at ~1-1.5 TB/s (benchmarks/NOTES.md run 5a).
+COMPILED_QUANT_KERNEL_ABOVE = 4096
 
 
 @functools.cache
@@ -166,7 +170,8 @@ def _triton_linear_traced(layer, x2d: torch.Tensor) -> torch.Tensor:
     "kernel" it is our custom op (opaque to inductor). The GEMM is torch._scaled_mm (fp8) or the
     custom op. No graph breaks either way."""
     fmt = layer.scheme.method
-    if COMPILED_QUANT == "inductor":
+    wide = x2d.shape[-1] > COMPILED_QUANT_KERNEL_ABOVE
+    if COMPILED_QUANT == "inductor" or (COMPILED_QUANT == "hybrid" and not wide):
         xq, xs = _quant_ref(x2d, fmt)
     else:
         xq, xs = torch.ops.diffquant.quantize_per_token(x2d, fmt)
