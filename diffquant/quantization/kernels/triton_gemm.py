@@ -17,6 +17,7 @@ This module imports triton at import time; only `triton_ops` imports it, lazily,
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
@@ -47,6 +48,7 @@ _SMALL_M_CONFIGS = [
 _SMALL_M = 64
 _TUNED: dict[tuple, tuple] = {}  # (small, M bucket, N, K, arg spec) -> (constexprs, num_warps, num_stages)
 _LAUNCHES = LaunchCache()
+logger = logging.getLogger("diffquant")
 
 
 def _m_bucket(m: int) -> int:
@@ -254,8 +256,20 @@ def _tma_supported(index: int) -> bool:
     return True
 
 
+_LOGGED: set[tuple] = set()
+
+
 def _use_tma(xq, wq, out_dtype) -> bool:
-    return xq.shape[0] > _SMALL_M and xq.is_cuda and _tma_supported(xq.device.index) and tma_ok(xq, wq, out_dtype)
+    if not (xq.shape[0] > _SMALL_M and xq.is_cuda and _tma_supported(xq.device.index)):
+        return False
+    if tma_ok(xq, wq, out_dtype):
+        return True
+    key = (xq.shape[1], wq.shape[0], out_dtype)
+    if key not in _LOGGED:  # say once per layer shape which kernel runs, and why
+        _LOGGED.add(key)
+        logger.info("W8A8 GEMM K=%d N=%d: classic Triton kernel (operands not TMA-aligned: K and N * %d bytes "
+                    "must be multiples of 16, rows contiguous)", key[0], key[1], out_dtype.itemsize)
+    return False
 
 
 # The ones tuned on first use: each was the fastest at some FLUX.1-dev shape on the H200
@@ -273,6 +287,8 @@ def _tma_tuned(xq, x_scale, wq, w_scale, bias, out_dtype):
             return triton.testing.do_bench(lambda: w8a8_scaled_mm_tma(xq, x_scale, wq, w_scale, bias, out_dtype, c),
                                            warmup=5, rep=20, return_mode="median")
         cfg = _TMA_TUNED[key] = min(_TMA_AUTOTUNE, key=time_of)
+        logger.info("W8A8 GEMM %s M~%d N=%d K=%d: persistent TMA kernel, tiles %dx%dx%d, %d warps, %d stages",
+                    xq.dtype, key[0], key[1], key[2], *cfg[:3], *cfg[4:6])
     return w8a8_scaled_mm_tma(xq, x_scale, wq, w_scale, bias, out_dtype, cfg)
 
 
