@@ -8,7 +8,9 @@ Custom ops (torch.library, with fake impls so `torch.compile(fullgraph=True)` tr
 On CUDA they run the Triton kernels (`triton_quant`, `triton_gemm`, imported on first use, so
 importing diffquant needs neither triton nor a GPU); on any other device they run the reference
 numerics, so the op path traces and runs on CPU too. FP8 GEMMs go through `torch._scaled_mm`
-(cuBLASLt, row-wise scales, bias in the epilogue) unless `FP8_GEMM` says "triton".
+(cuBLASLt, row-wise scales, bias in the epilogue, fast accumulation: FP8_FAST_ACCUM) unless
+`FP8_GEMM` says "triton"; int8 GEMMs through triton_gemm (the persistent TMA kernel under compile
+on Hopper, the classic one in eager mode).
 In eager mode the Python wrappers are called directly (no dispatcher round trip per layer).
 """
 
