@@ -3,7 +3,7 @@
 - emulated: the reference numerics quantize the activation, both operands are dequantized and
   multiplied in float32. Runs on any device; the CPU path and the spec of the others.
 - scaled_mm: FP8 W8A8 on FP8 tensor cores via torch._scaled_mm (row-wise or tensor-wise scales,
-  bias fused in the epilogue, bf16 out).
+  bias fused in the epilogue, bf16 out, fast accumulation as in triton_ops.scaled_mm_fp8).
 - int_mm: Int8 W8A8 via torch._int_mm (int32 accumulate), scales and bias applied after.
 - fp8_weight_only: SM80 path; the fp8 weight is dequantized and the matmul runs in bf16.
 - triton: fused one-pass per-token activation quantization (Triton) + FP8 torch._scaled_mm or our
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.quantization import numerics as nx
-from diffquant.quantization.kernels.triton_ops import triton_linear
+from diffquant.quantization.kernels.triton_ops import scaled_mm_fp8, triton_linear
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,7 @@ def scaled_mm_linear(layer, x2d: torch.Tensor) -> torch.Tensor:
         sa, sb = xs.float().reshape(()), layer.weight_scale.float().reshape(())
     else:  # row-wise: scale_a [M, 1], scale_b [1, N]
         sa, sb = _as_row_scale(xs, m), _as_row_scale(layer.weight_scale, n).view(1, n)
-    out = torch._scaled_mm(xq, layer.qweight.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16)
-    return out.to(x2d.dtype)
+    return scaled_mm_fp8(xq, sa, layer.qweight.t(), sb, bias, x2d.dtype)
 
 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm needs more than 16 rows; pad short inputs (e.g. M=1 modulation)

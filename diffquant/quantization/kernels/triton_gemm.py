@@ -193,6 +193,9 @@ def w8a8_scaled_mm(
         raise ValueError(f"w8a8_scaled_mm: kernel must be 'auto', 'tma' or 'classic', got {kernel!r}")
     if xq.stride(-1) != 1:
         xq = xq.contiguous()
+    if kernel == "tma" and not (xq.is_cuda and _tma_supported(xq.device.index)):
+        raise ValueError("w8a8_scaled_mm: kernel='tma' needs a Hopper (SM90+) GPU and a Triton with tensor "
+                         "descriptors; use kernel='auto' or 'classic'")
     if kernel == "tma" and not tma_ok(xq, wq, out_dtype):
         raise ValueError("w8a8_scaled_mm: kernel='tma' needs contiguous operands with K and N * output itemsize "
                          f"multiples of 16 bytes (K={xq.shape[1]}, N={wq.shape[0]}, {out_dtype})")

@@ -159,7 +159,9 @@ def _weight_operands(layer) -> tuple:
     return cache
 
 
-def _scaled_mm_fp8(xq, xs, w_t, sb, bias, out_dtype):
+def scaled_mm_fp8(xq, xs, w_t, sb, bias, out_dtype):
+    """The one FP8 GEMM call (this backend and the scaled_mm one): torch._scaled_mm, bf16 out, with
+    FP8_FAST_ACCUM. xs: [M, 1] or [] float32, w_t: [K, N], sb: [1, N] or [] float32."""
     out = torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=sb, bias=bias, out_dtype=torch.bfloat16,
                            use_fast_accum=FP8_FAST_ACCUM)
     return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
@@ -169,8 +171,11 @@ def _triton_linear_traced(layer, x2d: torch.Tensor) -> torch.Tensor:
     """Under torch.compile. With COMPILED_QUANT == "inductor" the activation quantization is the
     reference numerics in plain torch ops, so inductor fuses it into the kernel that produces x
     (norm + modulation) and shares it between the linears that read the same x (q, k, v); with
-    "kernel" it is our custom op (opaque to inductor). The GEMM is torch._scaled_mm (fp8) or the
-    custom op. No graph breaks either way."""
+    "kernel" it is our custom op (opaque to inductor); "hybrid" takes the kernel for activations wider
+    than COMPILED_QUANT_KERNEL_ABOVE. The GEMM is torch._scaled_mm (fp8) or the custom op. No graph
+    breaks either way."""
+    if COMPILED_QUANT not in ("inductor", "kernel", "hybrid"):
+        raise ValueError(f"triton_ops.COMPILED_QUANT must be 'inductor', 'kernel' or 'hybrid', got {COMPILED_QUANT!r}")
     fmt = layer.scheme.method
     wide = x2d.shape[-1] > COMPILED_QUANT_KERNEL_ABOVE
     if COMPILED_QUANT == "inductor" or (COMPILED_QUANT == "hybrid" and not wide):
@@ -178,7 +183,7 @@ def _triton_linear_traced(layer, x2d: torch.Tensor) -> torch.Tensor:
     else:
         xq, xs = torch.ops.diffquant.quantize_per_token(x2d, fmt)
     if fmt == "fp8" and FP8_GEMM == "scaled_mm" and x2d.is_cuda:
-        return _scaled_mm_fp8(xq, xs, *_fp8_weight_side(layer), x2d.dtype)
+        return scaled_mm_fp8(xq, xs, *_fp8_weight_side(layer), x2d.dtype)
     return torch.ops.diffquant.w8a8_scaled_mm(xq, xs, layer.qweight, layer.weight_scale, layer.bias, x2d.dtype)
 
 
@@ -196,7 +201,7 @@ def triton_linear(layer, x2d: torch.Tensor) -> torch.Tensor:
     xq, xs = shared_quantize_per_token(x2d, fmt)  # [M, K] 8-bit, [M, 1] float32
     wq, w_t, sb, bias = _weight_operands(layer)
     if fmt == "fp8" and FP8_GEMM == "scaled_mm" and x2d.is_cuda:
-        return _scaled_mm_fp8(xq, xs, w_t, sb, bias, x2d.dtype)
+        return scaled_mm_fp8(xq, xs, w_t, sb, bias, x2d.dtype)
     # The classic Triton GEMM in eager mode: the persistent TMA kernel is faster on the GPU, but it
     # builds three host-side TMA descriptors per call; eager int8 FLUX ran 41 ms behind fp8 with it
     # and 11.5 ms behind with the classic kernel (benchmarks/NOTES.md runs 5b, 5c).
