@@ -172,9 +172,12 @@ def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...
     if variant.partition("-")[0] in ("fp8", "int8"):
         method, _, backend = variant.partition("-")
         backend = "triton" if backend in ("inductor", "kernel", "hybrid") else backend
-        report = quantize_(model, {"method": method, "backend": backend or "auto"}, keep_high_precision=keep)
+        report = quantize_(model, {"method": method, "backend": backend or "auto", "fuse_activations": _FUSE[0]},
+                           keep_high_precision=keep)
         backends = sorted({layer.backend for layer in report.quantized})
-        return f"diffquant {method}: {len(report.quantized)} layers on {','.join(backends)}, {len(report.kept)} kept"
+        fused = sum(f.fused for f in report.fusions)
+        return (f"diffquant {method}: {len(report.quantized)} layers on {','.join(backends)}, {len(report.kept)} kept, "
+                f"{fused} activations fused")
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int8DynamicActivationInt8WeightConfig,
@@ -287,6 +290,9 @@ def _free_memory() -> None:
     torch.cuda.empty_cache()
 
 
+_FUSE = [True]  # set per variant by _knobs
+
+
 def _knobs(variant: str) -> str:
     """Set the kernel knobs a variant name carries; returns the name without its "+" option.
     "-inductor" / "-kernel" / "-hybrid": under compile, inductor generates the activation quantization
@@ -295,11 +301,13 @@ def _knobs(variant: str) -> str:
     FP8 GEMMs with / without fast accumulation (triton_ops.FP8_FAST_ACCUM; default: the library's);
     "+wide": inductor keeps row reductions up to 16384 wide persistent (benchmarks/inductor_tuning);
     "+cdt": inductor's coordinate-descent tuning of its generated kernels (torchao's compiled variants
-    get it from torchao's own config setter)."""
+    get it from torchao's own config setter); "+nofuse": quantize_ with fuse_activations=False (the
+    GELUs stay separate ops, quantization/fusion.py)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse"}
     if unknown:
-        raise ValueError(f"variant options {sorted(unknown)} unknown; valid: +fa, +nofa, +wide, +cdt")
+        raise ValueError(f"variant options {sorted(unknown)} unknown; valid: +fa, +nofa, +wide, +cdt, +nofuse")
+    _FUSE[0] = "nofuse" not in opts
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]
     triton_ops.COMPILED_QUANT = suffix if suffix in ("inductor", "kernel", "hybrid") else _DEFAULT_COMPILED_QUANT

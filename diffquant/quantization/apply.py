@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from diffquant.quantization.config import Fp8Config, Int8Config, QuantizationConfig, build_quant_config
+from diffquant.quantization.fusion import fuse_activations
 from diffquant.quantization.kernels import LinearScheme
 from diffquant.quantization.layers import QuantLinear
 from diffquant.quantization.patterns import LayerMatcher, check_all_match
@@ -57,7 +58,9 @@ def quantize_(
 ) -> QuantizeReport:
     """Quantize `module`'s nn.Linear layers in place, one layer at a time on its own device.
 
-    config: anything `build_quant_config` accepts for a single method. keep_high_precision:
+    config: anything `build_quant_config` accepts for a single method (fp8 / int8: fuse_activations,
+    default on, also moves GELUs feeding a quantized linear into its quantization kernel: fusion.py).
+    keep_high_precision:
     patterns (architecture profiles feed them) for layers that stay high precision by default;
     unlike ignored_layers, a keep pattern that matches nothing is not an error. device: if given,
     each linear layer is moved there right before it is quantized and its float weight is dropped
@@ -82,6 +85,8 @@ def quantize_(
     if not report.quantized:
         raise ValueError(f"{cfg.method}: every linear layer of {type(module).__name__} was excluded "
                          f"({len(report.kept)} kept); nothing was quantized")
+    if getattr(cfg, "fuse_activations", False):
+        report.fusions = fuse_activations(module)
     return report
 
 

@@ -129,6 +129,8 @@ class Fp8Config(QuantizationConfig):
     activation_granularity: str | None = field(default=None, metadata=_choices(None, "per_token", "per_tensor"))
     input_scales: tuple[tuple[str, float], ...] | None = field(default=None, metadata=_check(_scale_map))
     backend: str = field(default="auto", metadata=_choices("auto", *METHOD_BACKENDS["fp8"]))
+    # Move GELUs that feed a quantized linear into its activation quantization (quantization/fusion.py).
+    fuse_activations: bool = field(default=True, metadata={"type": bool})
 
     def validate(self) -> None:
         static = self.activation_scheme == "static"
@@ -170,6 +172,7 @@ class Int8Config(QuantizationConfig):
     activation_scheme: str = field(default="dynamic", metadata=_choices("dynamic", "static"))
     is_checkpoint_int8_serialized: bool = field(default=False, metadata={"type": bool})
     backend: str = field(default="auto", metadata=_choices("auto", *METHOD_BACKENDS["int8"]))
+    fuse_activations: bool = field(default=True, metadata={"type": bool})  # as Fp8Config's
 
     def validate(self) -> None:
         if self.activation_scheme == "static":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffquant.quantization import numerics as nx
 from diffquant.quantization.kernels import BACKENDS, LinearScheme, select_backend
-from diffquant.quantization.kernels.backends import dequantize_weight, quantize_weight
+from diffquant.quantization.kernels.backends import FUSED_INPUT_BACKENDS, dequantize_weight, quantize_weight
 
 
 def _check_finite(name: str, w: torch.Tensor) -> None:
@@ -21,7 +22,14 @@ class QuantLinear(nn.Module):
     Buffers: qweight [N, K] (float8_e4m3fn or int8), weight_scale (float32: [N, 1] per channel,
     [] per tensor, [ceil(N/bn), ceil(K/bk)] block-wise), input_scale ([] float32, static fp8 only).
     bias keeps the original dtype. The backend is chosen per device on first use and can be forced.
+
+    input_act (None unless a fusion pass set it, quantization/fusion.py): an activation this layer
+    applies to its input before quantizing it, so that the activation and the quantization run as
+    one kernel; forward then also takes `prefix`, concatenated in front: the layer computes
+    linear(cat([prefix, act(x)], -1)).
     """
+
+    input_act: str | None = None
 
     def __init__(self, scheme: LinearScheme, qweight, weight_scale, bias=None, input_scale=None,
                  backend: str = "auto", dtype: torch.dtype = torch.bfloat16):
@@ -60,11 +68,24 @@ class QuantLinear(nn.Module):
     def backend(self) -> str:
         return self.backend_for(self.qweight.device)[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., K] -> [..., N]."""
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [..., K] -> [..., N]. With input_act: x: [..., Kx], prefix: [..., K - Kx] | None."""
         name, _ = self.backend_for(x.device)
-        x2d = x.reshape(-1, self.in_features)  # [M, K]
-        out = BACKENDS[name](self, x2d)  # [M, N]
+        if self.input_act is None:
+            if prefix is not None:
+                raise ValueError(f"{self.scheme.name or 'QuantLinear'}: prefix given, but the layer has no input_act")
+            out = BACKENDS[name](self, x.reshape(-1, self.in_features))  # [M, N]
+        else:
+            x2d = x.reshape(-1, x.shape[-1])
+            p2d = None if prefix is None else prefix.reshape(-1, prefix.shape[-1])
+            if x2d.shape[1] + (0 if p2d is None else p2d.shape[1]) != self.in_features:
+                raise ValueError(f"{self.scheme.name or 'QuantLinear'}: input widths {x2d.shape[1]} + prefix "
+                                 f"{0 if p2d is None else p2d.shape[1]} != in_features {self.in_features}")
+            fused = FUSED_INPUT_BACKENDS.get(name)
+            if fused is not None:
+                out = fused(self, x2d, p2d)
+            else:
+                out = BACKENDS[name](self, nx.activation_input(x2d, p2d, self.input_act))
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -75,4 +96,5 @@ class QuantLinear(nn.Module):
         s = self.scheme
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={s.method}, "
                 f"weight={s.weight_granularity}, activation={s.activation_granularity}, "
-                f"bias={self.bias is not None}, backend={self.backend_request}")
+                f"bias={self.bias is not None}, backend={self.backend_request}"
+                + (f", input_act={self.input_act}" if self.input_act else ""))

@@ -25,6 +25,7 @@ def _mib(n: int) -> str:
 class QuantizeReport:
     method: str
     layers: list[LayerReport] = field(default_factory=list)
+    fusions: list = field(default_factory=list)  # fusion.FusionReport per candidate pattern
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -53,14 +54,18 @@ class QuantizeReport:
         """One line: method, layers quantized/kept, linear weight memory before -> after, backends."""
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
         backends = ", ".join(f"{k} x{v}" for k, v in sorted(self.backends.items())) or "none"
+        fused = sum(f.fused for f in self.fusions)
+        fusions = f"; {fused} of {len(self.fusions)} activations fused into quantization" if self.fusions else ""
         return (f"{self.method}: {len(self.quantized)} linear layers quantized, {len(self.kept)} kept; "
                 f"weights {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} ({ratio:.3f}x); "
-                f"backends: {backends}")
+                f"backends: {backends}{fusions}")
 
     def table(self) -> str:
         rows = [f"{'layer':<60} {'action':<9} {'backend':<16} reason"]
         for r in self.layers:
             rows.append(f"{r.name:<60} {r.action:<9} {r.backend or '-':<16} {r.reason}")
+        for f in self.fusions:
+            rows.append(f"{f.name:<60} {'fused' if f.fused else 'not fused':<9} {f.act:<16} {f.reason}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -68,4 +73,5 @@ class QuantizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "summary": self.summary(), "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "layers": [asdict(r) for r in self.layers]}
+                "bytes_after": self.bytes_after, "layers": [asdict(r) for r in self.layers],
+                "fusions": [asdict(f) for f in self.fusions]}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.quantization import numerics as nx
-from diffquant.quantization.kernels.triton_ops import scaled_mm_fp8, triton_linear
+from diffquant.quantization.kernels.triton_ops import scaled_mm_fp8, triton_act_linear, triton_linear
 
 
 @dataclass(frozen=True)
@@ -129,3 +129,6 @@ BACKENDS = {
     "fp8_weight_only": fp8_weight_only_linear,
     "triton": triton_linear,
 }
+# Backends with their own path for a fused input activation (QuantLinear.input_act); the others get
+# cat([prefix, act(x)]) computed by torch first (numerics.activation_input), the same values.
+FUSED_INPUT_BACKENDS = {"triton": triton_act_linear}

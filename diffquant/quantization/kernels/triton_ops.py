@@ -4,6 +4,9 @@ Custom ops (torch.library, with fake impls so `torch.compile(fullgraph=True)` tr
 
 - `diffquant::quantize_per_token(x: [M, K], fmt: "fp8"|"int8") -> (q: [M, K], scale: [M, 1] f32)`
 - `diffquant::w8a8_scaled_mm(xq, x_scale, wq, w_scale, bias, out_dtype) -> [M, N]`
+- `diffquant::act_quantize_per_token(x: [M, Kx], prefix: [M, Kp] | None, act, fmt) -> (q: [M, Kp + Kx],
+  scale)`: per-token quantization of cat([prefix, act(x)], -1) in one read, for linears whose
+  input activation a fusion pass moved into them (numerics/activations.py, quantization/fusion.py)
 
 On CUDA they run the Triton kernels (`triton_quant`, `triton_gemm`, imported on first use, so
 importing diffquant needs neither triton nor a GPU); on any other device they run the reference
@@ -115,6 +118,44 @@ def _(xq, x_scale, wq, w_scale, bias, out_dtype):
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
 
 
+# The fused kernel keeps a whole row in registers: power-of-two blocks for the prefix and the
+# activation part, together at most this many elements (FLUX single blocks: 4096 + 16384).
+MAX_FUSED_ROW = 32768
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def fused_row_fits(kp: int, kx: int) -> bool:
+    """Whether act_quantize_per_token's one-pass kernel takes rows of a kp-wide prefix + kx."""
+    return (_pow2(kp) if kp else 0) + _pow2(kx) <= MAX_FUSED_ROW
+
+
+def act_quantize_per_token_impl(x: torch.Tensor, prefix: torch.Tensor | None, act: str,
+                                fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize cat([prefix, act(x)], -1) per token; Triton on CUDA, reference numerics elsewhere."""
+    nx.check_activation(act)
+    if fmt not in ("fp8", "int8"):
+        raise ValueError(f"act_quantize_per_token: fmt must be 'fp8' or 'int8', got {fmt!r}")
+    if x.is_cuda and triton_available():
+        return _kernels()[0].act_quantize_per_token(x, prefix, act, fmt)
+    return _quant_ref(nx.activation_input(x, prefix, act), fmt)
+
+
+@torch.library.custom_op("diffquant::act_quantize_per_token", mutates_args=())
+def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str,
+                           fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return act_quantize_per_token_impl(x, prefix, act, fmt)
+
+
+@act_quantize_per_token.register_fake
+def _(x, prefix, act, fmt):
+    dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
+    k = x.shape[1] + (0 if prefix is None else prefix.shape[1])
+    return x.new_empty((x.shape[0], k), dtype=dtype), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
 _SHARED = threading.local()
 
 
@@ -182,9 +223,13 @@ def _triton_linear_traced(layer, x2d: torch.Tensor) -> torch.Tensor:
         xq, xs = _quant_ref(x2d, fmt)
     else:
         xq, xs = torch.ops.diffquant.quantize_per_token(x2d, fmt)
-    if fmt == "fp8" and FP8_GEMM == "scaled_mm" and x2d.is_cuda:
-        return scaled_mm_fp8(xq, xs, *_fp8_weight_side(layer), x2d.dtype)
-    return torch.ops.diffquant.w8a8_scaled_mm(xq, xs, layer.qweight, layer.weight_scale, layer.bias, x2d.dtype)
+    return _gemm_traced(layer, xq, xs, x2d.dtype, x2d.is_cuda)
+
+
+def _gemm_traced(layer, xq, xs, out_dtype, is_cuda: bool) -> torch.Tensor:
+    if layer.scheme.method == "fp8" and FP8_GEMM == "scaled_mm" and is_cuda:
+        return scaled_mm_fp8(xq, xs, *_fp8_weight_side(layer), out_dtype)
+    return torch.ops.diffquant.w8a8_scaled_mm(xq, xs, layer.qweight, layer.weight_scale, layer.bias, out_dtype)
 
 
 def triton_linear(layer, x2d: torch.Tensor) -> torch.Tensor:
@@ -197,12 +242,28 @@ def triton_linear(layer, x2d: torch.Tensor) -> torch.Tensor:
     whether the GPU ever waits."""
     if torch.compiler.is_compiling():
         return _triton_linear_traced(layer, x2d)
-    fmt = layer.scheme.method
-    xq, xs = shared_quantize_per_token(x2d, fmt)  # [M, K] 8-bit, [M, 1] float32
+    xq, xs = shared_quantize_per_token(x2d, layer.scheme.method)  # [M, K] 8-bit, [M, 1] float32
+    return _gemm_eager(layer, xq, xs, x2d.dtype, x2d.is_cuda)
+
+
+def triton_act_linear(layer, x2d: torch.Tensor, prefix2d: torch.Tensor | None) -> torch.Tensor:
+    """QuantLinear backend for a layer with a fused input activation (layer.input_act):
+    cat([prefix2d, act(x2d)], -1) quantized per token in one kernel, then the W8A8 GEMM.
+    x2d: [M, Kx], prefix2d: [M, Kp] | None -> [M, N]. Our kernel also under torch.compile
+    (inductor's code for these wide rows read them twice at ~1 TB/s: benchmarks/NOTES.md run 5a)."""
+    fmt, act = layer.scheme.method, layer.input_act
+    if torch.compiler.is_compiling():
+        xq, xs = torch.ops.diffquant.act_quantize_per_token(x2d, prefix2d, act, fmt)
+        return _gemm_traced(layer, xq, xs, x2d.dtype, x2d.is_cuda)
+    xq, xs = act_quantize_per_token_impl(x2d, prefix2d, act, fmt)
+    return _gemm_eager(layer, xq, xs, x2d.dtype, x2d.is_cuda)
+
+
+def _gemm_eager(layer, xq, xs, out_dtype, is_cuda: bool) -> torch.Tensor:
     wq, w_t, sb, bias = _weight_operands(layer)
-    if fmt == "fp8" and FP8_GEMM == "scaled_mm" and x2d.is_cuda:
-        return scaled_mm_fp8(xq, xs, w_t, sb, bias, x2d.dtype)
+    if layer.scheme.method == "fp8" and FP8_GEMM == "scaled_mm" and is_cuda:
+        return scaled_mm_fp8(xq, xs, w_t, sb, bias, out_dtype)
     # The classic Triton GEMM in eager mode: the persistent TMA kernel is faster on the GPU, but it
     # builds three host-side TMA descriptors per call; eager int8 FLUX ran 41 ms behind fp8 with it
     # and 11.5 ms behind with the classic kernel (benchmarks/NOTES.md runs 5b, 5c).
-    return w8a8_scaled_mm_impl(xq, xs, wq, layer.weight_scale, layer.bias, x2d.dtype, kernel="classic")
+    return w8a8_scaled_mm_impl(xq, xs, wq, layer.weight_scale, layer.bias, out_dtype, kernel="classic")

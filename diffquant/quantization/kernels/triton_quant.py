@@ -32,7 +32,7 @@ _LAUNCHES = LaunchCache()
 _MAX_ROW_BLOCK = 16384  # rows up to this many elements stay in registers (one read of x)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for debugging without a GPU) has no libdevice.rint;
 # there, round half to even by adding and subtracting 1.5 * 2^23 (exact for |y| <= 127).
-_RINT = os.environ.get("TRITON_INTERPRET", "0") != "1"
+_RINT = os.environ.get("TRITON_INTERPRET", "0") != "1"  # also: libdevice available (tanh, erf)
 
 
 @triton.jit
@@ -42,6 +42,30 @@ def _round_half_even(y, RINT: tl.constexpr):
     else:
         r = (y + 12582912.0) - 12582912.0
     return r
+
+
+@triton.jit
+def _saturate_cast(y, QMAX: tl.constexpr, IS_INT8: tl.constexpr, RINT: tl.constexpr):
+    """Clamp to +-QMAX (torch's fp8 cast does not saturate), then E4M3FN round-to-nearest-even or
+    int8 round-half-to-even (like torch.round)."""
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if IS_INT8:  # noqa: SIM108 (constexpr branch)
+        q = _round_half_even(y, RINT).to(tl.int8)
+    else:
+        q = y.to(tl.float8e4nv)
+    return q
+
+
+@triton.jit
+def _codes(x, scale, QMAX: tl.constexpr, IS_INT8: tl.constexpr, RINT: tl.constexpr):
+    """x / scale (IEEE division, float32; scale broadcast to x's shape) as fp8 / int8 codes."""
+    return _saturate_cast(tl.div_rn(x, scale), QMAX, IS_INT8, RINT)
+
+
+@triton.jit
+def _codes_mul(x, inv_scale, QMAX: tl.constexpr, IS_INT8: tl.constexpr, RINT: tl.constexpr):
+    """x * (1 / scale): NOT the numerics (a benchmark probe of the division's cost)."""
+    return _saturate_cast(x * inv_scale, QMAX, IS_INT8, RINT)
 
 
 @triton.jit
@@ -64,14 +88,9 @@ def _quant_rows_kernel(
     # All-zero row -> scale 1: 0 / 1 encodes exactly and nothing divides by zero.
     scale = tl.where(amax > 0.0, tl.div_rn(amax, qmax), 1.0)
     if EXACT_DIV:
-        y = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+        q = _codes(x, tl.broadcast_to(scale[:, None], x.shape), QMAX, IS_INT8, RINT)
     else:
-        y = x * tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
-    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-    if IS_INT8:  # noqa: SIM108
-        q = _round_half_even(y, RINT).to(tl.int8)  # round half to even, like torch.round
-    else:
-        q = y.to(tl.float8e4nv)  # round to nearest even
+        q = _codes_mul(x, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None], QMAX, IS_INT8, RINT)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows, scale, mask=row_ok)
 
@@ -94,13 +113,63 @@ def _quant_long_rows_kernel(
     for k0 in tl.range(0, K, BLOCK_K):
         m = k0 + cols < K
         x = tl.load(x_ptr + row * stride_xm + k0 + cols, mask=m, other=0.0).to(tl.float32)
-        y = tl.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * scale)
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        if IS_INT8:  # noqa: SIM108
-            q = _round_half_even(y, RINT).to(tl.int8)
-        else:
-            q = y.to(tl.float8e4nv)
+        q = _codes(x, tl.full(x.shape, 1.0, tl.float32) * scale, QMAX, IS_INT8, RINT)
         tl.store(q_ptr + row * stride_qm + k0 + cols, q, mask=m)
+    tl.store(s_ptr + row, scale)
+
+
+# torch's CUDA GELU (aten/src/ATen/native/cuda/ActivationGeluKernel.cu), float32 opmath: the same
+# constants (rounded from double) and the one multiply-add nvcc contracts.
+_GELU_BETA = tl.constexpr(1.4142135623730951 * 1.1283791670955126 * 0.5)  # M_SQRT2 * M_2_SQRTPI * 0.5
+_GELU_KAPPA = tl.constexpr(0.044715)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+ACT_CODES = {"gelu_tanh": 1, "gelu": 2}
+
+
+@triton.jit
+def _activation(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """x: float32. ACT 1: gelu, tanh approximation; 2: gelu, erf form. LIBDEVICE=False (Triton's
+    CPU interpreter, which has no libdevice) uses formulas that are not bit-exact on GPUs."""
+    if ACT == 1:
+        inner = _GELU_BETA * tl.fma(x * x * x, tl.full(x.shape, _GELU_KAPPA, tl.float32), x)
+        if LIBDEVICE:  # noqa: SIM108 (constexpr branch)
+            t = libdevice.tanh(inner)
+        else:
+            t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+        y = 0.5 * x * (1.0 + t)
+    else:
+        if LIBDEVICE:  # noqa: SIM108
+            e = libdevice.erf(x * _SQRT1_2)
+        else:
+            e = tl.math.erf(x * _SQRT1_2)
+        y = x * 0.5 * (1.0 + e)
+    return y
+
+
+@triton.jit
+def _act_quant_rows_kernel(
+    p_ptr, x_ptr, q_ptr, s_ptr, KP, KX, stride_pm, stride_xm, stride_qm,
+    QMAX: tl.constexpr, IS_INT8: tl.constexpr, ACT: tl.constexpr, HAS_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr, RINT: tl.constexpr,
+):
+    """One row per program: q[row] = codes(cat(p[row], act(x[row]))), one read of p and x.
+    act is rounded to x's dtype before the amax, as torch's activation output is."""
+    row = tl.program_id(0).to(tl.int64)
+    cx = tl.arange(0, BLOCK_X)
+    mx = cx < KX
+    x = tl.load(x_ptr + row * stride_xm + cx, mask=mx, other=0.0)
+    y = _activation(x.to(tl.float32), ACT, RINT).to(x.dtype).to(tl.float32)  # act(0) = 0 on masked lanes
+    amax = tl.max(tl.abs(y), axis=0)
+    if HAS_P:
+        cp = tl.arange(0, BLOCK_P)
+        mp = cp < KP
+        p = tl.load(p_ptr + row * stride_pm + cp, mask=mp, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(p), axis=0))
+    scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+    q_row = q_ptr + row * stride_qm
+    tl.store(q_row + KP + cx, _codes(y, tl.full(y.shape, 1.0, tl.float32) * scale, QMAX, IS_INT8, RINT), mask=mx)
+    if HAS_P:
+        tl.store(q_row + cp, _codes(p, tl.full(p.shape, 1.0, tl.float32) * scale, QMAX, IS_INT8, RINT), mask=mp)
     tl.store(s_ptr + row, scale)
 
 
@@ -140,4 +209,38 @@ def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None, warps
         args = (x, q, scale, m, k, x.stride(0), q.stride(0), qmax, is_int8, 4096, _RINT)
     _LAUNCHES.launch((kernel, w, spec_key(args)), grid, args, x.device,
                      lambda: kernel[grid](*args, num_warps=w))
+    return q, scale
+
+
+def fused_blocks(kp: int, kx: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_X): the register blocks of a fused row (prefix, activation part)."""
+    return (triton.next_power_of_2(kp) if kp else 1), triton.next_power_of_2(max(kx, 1))
+
+
+def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str,
+                           fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, Kx], prefix: [M, Kp] | None (CUDA, x's dtype) -> (q: [M, Kp + Kx], scale: [M, 1] f32):
+    per-token quantization of cat([prefix, act(x)], -1) in one read (numerics/activations.py).
+    Rows must fit the register blocks (triton_ops.fused_row_fits)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, kx = x.shape
+    if prefix is not None:
+        prefix = prefix if prefix.stride(-1) == 1 else prefix.contiguous()
+        if prefix.shape[0] != m or prefix.dtype != x.dtype:
+            raise ValueError(f"act_quantize_per_token: prefix {tuple(prefix.shape)} {prefix.dtype} does not "
+                             f"match x {tuple(x.shape)} {x.dtype}")
+    kp = 0 if prefix is None else prefix.shape[1]
+    is_int8 = fmt == "int8"
+    q = torch.empty((m, kp + kx), device=x.device, dtype=torch.int8 if is_int8 else torch.float8_e4m3fn)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return q, scale
+    bp, bx = fused_blocks(kp, kx)
+    w = max(4, min(16, (bp + bx) // 512))
+    p_arg = prefix if prefix is not None else x
+    args = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
+            INT8_MAX if is_int8 else FP8_MAX, is_int8, ACT_CODES[act], prefix is not None, bp, bx, _RINT)
+    grid = (m, 1, 1)
+    _LAUNCHES.launch((_act_quant_rows_kernel, w, spec_key(args)), grid, args, x.device,
+                     lambda: _act_quant_rows_kernel[grid](*args, num_warps=w))
     return q, scale
