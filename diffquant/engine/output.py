@@ -39,11 +39,17 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _fused(r: QuantizeReport) -> str:
+    fused = sum(f.fused for f in getattr(r, "fusions", ()))
+    return f" ({fused} GELUs fused)" if fused else ""
+
+
 def quantization_summary(reports: dict[str, QuantizeReport]) -> str:
     """'transformer fp8 40 quantized / 12 kept, vae fp8_weight_storage 30 / 0; weights A -> B (0.52x)'."""
     if not reports:
         return "no quantization (bf16)"
-    parts = [f"{name} {r.method} {len(r.quantized)} quantized / {len(r.kept)} kept" for name, r in reports.items()]
+    parts = [f"{name} {r.method} {len(r.quantized)} quantized / {len(r.kept)} kept{_fused(r)}"
+             for name, r in reports.items()]
     before = sum(r.bytes_before for r in reports.values())
     after = sum(r.bytes_after for r in reports.values())
     ratio = after / before if before else 1.0

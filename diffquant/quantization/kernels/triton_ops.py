@@ -5,7 +5,7 @@ Custom ops (torch.library, with fake impls so `torch.compile(fullgraph=True)` tr
 - `diffquant::quantize_per_token(x: [M, K], fmt: "fp8"|"int8") -> (q: [M, K], scale: [M, 1] f32)`
 - `diffquant::w8a8_scaled_mm(xq, x_scale, wq, w_scale, bias, out_dtype) -> [M, N]`
 - `diffquant::act_quantize_per_token(x: [M, Kx], prefix: [M, Kp] | None, act, fmt) -> (q: [M, Kp + Kx],
-  scale)`: per-token quantization of cat([prefix, act(x)], -1) in one read, for linears whose
+  scale)`: per-token quantization of cat([prefix, act(x)], -1) in one kernel, for linears whose
   input activation a fusion pass moved into them (numerics/activations.py, quantization/fusion.py)
 
 On CUDA they run the Triton kernels (`triton_quant`, `triton_gemm`, imported on first use, so
@@ -116,20 +116,6 @@ def w8a8_scaled_mm(
 @w8a8_scaled_mm.register_fake
 def _(xq, x_scale, wq, w_scale, bias, out_dtype):
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
-
-
-# The fused kernel keeps a whole row in registers: power-of-two blocks for the prefix and the
-# activation part, together at most this many elements (FLUX single blocks: 4096 + 16384).
-MAX_FUSED_ROW = 32768
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def fused_row_fits(kp: int, kx: int) -> bool:
-    """Whether act_quantize_per_token's one-pass kernel takes rows of a kp-wide prefix + kx."""
-    return (_pow2(kp) if kp else 0) + _pow2(kx) <= MAX_FUSED_ROW
 
 
 def act_quantize_per_token_impl(x: torch.Tensor, prefix: torch.Tensor | None, act: str,

@@ -118,47 +118,114 @@ def _quant_long_rows_kernel(
     tl.store(s_ptr + row, scale)
 
 
-# torch's CUDA GELU (aten/src/ATen/native/cuda/ActivationGeluKernel.cu), float32 opmath: the same
-# constants (rounded from double) and the one multiply-add nvcc contracts.
+# torch's CUDA GELU, tanh form (aten/src/ATen/native/cuda/ActivationGeluKernel.cu), float32 opmath:
+# the same constants (rounded from double) and the one multiply-add nvcc contracts. Bit-identical to
+# F.gelu(x, approximate="tanh") on the H200 for bf16, fp16 and fp32 inputs (GPU test). (The erf form
+# through libdevice.erf was not: 10-600 codes per 4224-row test differed, so it is not fused.)
 _GELU_BETA = tl.constexpr(1.4142135623730951 * 1.1283791670955126 * 0.5)  # M_SQRT2 * M_2_SQRTPI * 0.5
 _GELU_KAPPA = tl.constexpr(0.044715)
-_SQRT1_2 = tl.constexpr(0.7071067811865476)
-ACT_CODES = {"gelu_tanh": 1, "gelu": 2}
+# |gelu_tanh(x)| <= 0.16997 for x <= 0 (its minimum, near x = -0.7518); rounded to bf16/fp16 at most
+# 0.1709. A row whose largest gelu output is above this bound takes its amax from max(x) alone.
+_GELU_NEG_BOUND = tl.constexpr(0.172)
+ACT_CODES = {"gelu_tanh": 1}
 
 
 @triton.jit
-def _activation(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """x: float32. ACT 1: gelu, tanh approximation; 2: gelu, erf form. LIBDEVICE=False (Triton's
-    CPU interpreter, which has no libdevice) uses formulas that are not bit-exact on GPUs."""
-    if ACT == 1:
-        inner = _GELU_BETA * tl.fma(x * x * x, tl.full(x.shape, _GELU_KAPPA, tl.float32), x)
-        if LIBDEVICE:  # noqa: SIM108 (constexpr branch)
-            t = libdevice.tanh(inner)
-        else:
-            t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
-        y = 0.5 * x * (1.0 + t)
+def _gelu_tanh(x, LIBDEVICE: tl.constexpr):
+    """x: float32. LIBDEVICE=False (Triton's CPU interpreter, which has no libdevice) uses a tanh
+    formula that is not bit-exact on GPUs."""
+    inner = _GELU_BETA * tl.fma(x * x * x, tl.full(x.shape, _GELU_KAPPA, tl.float32), x)
+    if LIBDEVICE:  # noqa: SIM108 (constexpr branch)
+        t = libdevice.tanh(inner)
     else:
-        if LIBDEVICE:  # noqa: SIM108
-            e = libdevice.erf(x * _SQRT1_2)
-        else:
-            e = tl.math.erf(x * _SQRT1_2)
-        y = x * 0.5 * (1.0 + e)
-    return y
+        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+    return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def _act_rounded(x, LIBDEVICE: tl.constexpr):
+    """gelu_tanh of a loaded block, rounded to the block's dtype (as torch's output is), as float32."""
+    return _gelu_tanh(x.to(tl.float32), LIBDEVICE).to(x.dtype).to(tl.float32)
+
+
+@triton.jit
+def _act_amax(x_row, KX, CHUNK: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """max |act(x)| over a row, every element's activation computed."""
+    cols = tl.arange(0, CHUNK)
+    acc = tl.zeros((CHUNK,), dtype=tl.float32)
+    for k0 in tl.range(0, KX, CHUNK):
+        x = tl.load(x_row + k0 + cols, mask=k0 + cols < KX, other=0.0)
+        acc = tl.maximum(acc, tl.abs(_act_rounded(x, LIBDEVICE)))  # act(0) = 0 on masked lanes
+    return tl.max(acc, axis=0)
+
+
+@triton.jit
+def _abs_max(row_ptr, K, CHUNK: tl.constexpr):
+    cols = tl.arange(0, CHUNK)
+    acc = tl.zeros((CHUNK,), dtype=tl.float32)
+    for k0 in tl.range(0, K, CHUNK):
+        acc = tl.maximum(acc, tl.abs(tl.load(row_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)))
+    return tl.max(acc, axis=0)
+
+
+@triton.jit
+def _act_quant_chunked_kernel(
+    p_ptr, x_ptr, q_ptr, s_ptr, KP, KX, stride_pm, stride_xm, stride_qm,
+    QMAX: tl.constexpr, IS_INT8: tl.constexpr, HAS_P: tl.constexpr, CHUNK: tl.constexpr,
+    MONOTONE: tl.constexpr, RINT: tl.constexpr,
+):
+    """One row per program, in CHUNK-wide steps (small programs, many per SM, so loads overlap the
+    activation math): q[row] = codes(cat(p[row], gelu_tanh(x[row]))).
+
+    Pass 1 finds the row's amax, pass 2 (a re-read that hits L2) writes the codes. MONOTONE (bf16 /
+    fp16 inputs): gelu_tanh increases on x >= 0 and is above -0.172 below, so when
+    act(max x) > 0.172 it is the row's max |act| and pass 1 reads x without any tanh; rows where it
+    is not (all inputs small or negative) compute every activation. The rounded activation keeps
+    that order because neighbouring bf16/fp16 inputs are far apart compared with tanhf's error;
+    fp32 inputs always take the full pass. Either way the amax is exactly the reference's."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, CHUNK)
+    x_row = x_ptr + row * stride_xm
+    if MONOTONE:
+        acc = tl.full((CHUNK,), float("-inf"), tl.float32)
+        for k0 in tl.range(0, KX, CHUNK):
+            acc = tl.maximum(acc, tl.load(x_row + k0 + cols, mask=k0 + cols < KX, other=float("-inf")).to(tl.float32))
+        xmax = tl.max(acc, axis=0).to(x_ptr.dtype.element_ty)
+        amax = _act_rounded(xmax, RINT)
+        if amax <= _GELU_NEG_BOUND:
+            amax = _act_amax(x_row, KX, CHUNK, RINT)
+    else:
+        amax = _act_amax(x_row, KX, CHUNK, RINT)
+    if HAS_P:
+        amax = tl.maximum(amax, _abs_max(p_ptr + row * stride_pm, KP, CHUNK))
+    scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+    scale_b = tl.full((CHUNK,), 1.0, tl.float32) * scale
+    q_row = q_ptr + row * stride_qm
+    if HAS_P:
+        for k0 in tl.range(0, KP, CHUNK):
+            m = k0 + cols < KP
+            p = tl.load(p_ptr + row * stride_pm + k0 + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(q_row + k0 + cols, _codes(p, scale_b, QMAX, IS_INT8, RINT), mask=m)
+    for k0 in tl.range(0, KX, CHUNK):
+        m = k0 + cols < KX
+        y = _act_rounded(tl.load(x_row + k0 + cols, mask=m, other=0.0), RINT)
+        tl.store(q_row + KP + k0 + cols, _codes(y, scale_b, QMAX, IS_INT8, RINT), mask=m)
+    tl.store(s_ptr + row, scale)
 
 
 @triton.jit
 def _act_quant_rows_kernel(
     p_ptr, x_ptr, q_ptr, s_ptr, KP, KX, stride_pm, stride_xm, stride_qm,
-    QMAX: tl.constexpr, IS_INT8: tl.constexpr, ACT: tl.constexpr, HAS_P: tl.constexpr,
+    QMAX: tl.constexpr, IS_INT8: tl.constexpr, HAS_P: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr, RINT: tl.constexpr,
 ):
-    """One row per program: q[row] = codes(cat(p[row], act(x[row]))), one read of p and x.
-    act is rounded to x's dtype before the amax, as torch's activation output is."""
+    """One row per program, all of it in registers: one read of p and x.
+    (Run 6a: 261 us a FLUX single-block row set, one 512-thread program per SM at a time, so the
+    tanh math never overlaps the loads; kept as the comparison for the chunked kernel.)"""
     row = tl.program_id(0).to(tl.int64)
     cx = tl.arange(0, BLOCK_X)
     mx = cx < KX
-    x = tl.load(x_ptr + row * stride_xm + cx, mask=mx, other=0.0)
-    y = _activation(x.to(tl.float32), ACT, RINT).to(x.dtype).to(tl.float32)  # act(0) = 0 on masked lanes
+    y = _act_rounded(tl.load(x_ptr + row * stride_xm + cx, mask=mx, other=0.0), RINT)  # act(0) = 0 masked
     amax = tl.max(tl.abs(y), axis=0)
     if HAS_P:
         cp = tl.arange(0, BLOCK_P)
@@ -217,11 +284,15 @@ def fused_blocks(kp: int, kx: int) -> tuple[int, int]:
     return (triton.next_power_of_2(kp) if kp else 1), triton.next_power_of_2(max(kx, 1))
 
 
-def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str,
-                           fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
+                           kernel: str = "chunked", chunk: int | None = None, warps: int | None = None,
+                           monotone: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, Kx], prefix: [M, Kp] | None (CUDA, x's dtype) -> (q: [M, Kp + Kx], scale: [M, 1] f32):
-    per-token quantization of cat([prefix, act(x)], -1) in one read (numerics/activations.py).
-    Rows must fit the register blocks (triton_ops.fused_row_fits)."""
+    per-token quantization of cat([prefix, act(x)], -1) (numerics/activations.py), bit-exact.
+    kernel "chunked" (default) or "rows" (whole rows in registers: rows up to
+    triton_ops.MAX_FUSED_ROW); chunk / warps / monotone override the launch (benchmarks)."""
+    if act not in ACT_CODES:
+        raise ValueError(f"act_quantize_per_token: no kernel for activation {act!r}; valid: {', '.join(ACT_CODES)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, kx = x.shape
     if prefix is not None:
@@ -235,12 +306,17 @@ def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: st
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     if m == 0:
         return q, scale
-    bp, bx = fused_blocks(kp, kx)
-    w = max(4, min(16, (bp + bx) // 512))
     p_arg = prefix if prefix is not None else x
-    args = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
-            INT8_MAX if is_int8 else FP8_MAX, is_int8, ACT_CODES[act], prefix is not None, bp, bx, _RINT)
+    head = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
+            INT8_MAX if is_int8 else FP8_MAX, is_int8, prefix is not None)
+    if kernel == "rows":
+        bp, bx = fused_blocks(kp, kx)
+        kern, w, args = _act_quant_rows_kernel, warps or max(4, min(16, (bp + bx) // 512)), (*head, bp, bx, _RINT)
+    elif kernel == "chunked":
+        mono = x.dtype in (torch.bfloat16, torch.float16) if monotone is None else monotone
+        kern, w, args = _act_quant_chunked_kernel, warps or 4, (*head, chunk or 1024, mono, _RINT)
+    else:
+        raise ValueError(f"act_quantize_per_token: kernel must be 'chunked' or 'rows', got {kernel!r}")
     grid = (m, 1, 1)
-    _LAUNCHES.launch((_act_quant_rows_kernel, w, spec_key(args)), grid, args, x.device,
-                     lambda: _act_quant_rows_kernel[grid](*args, num_warps=w))
+    _LAUNCHES.launch((kern, w, spec_key(args)), grid, args, x.device, lambda: kern[grid](*args, num_warps=w))
     return q, scale

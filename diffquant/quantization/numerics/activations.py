@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 # Name -> the activation as torch computes it. "gelu_tanh" is nn.GELU(approximate="tanh")
-# (diffusers' "gelu-approximate"), "gelu" the exact erf form.
+# (diffusers' "gelu-approximate", the FeedForward GELU of FLUX, Qwen-Image, Wan2.2, HunyuanVideo).
 ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": lambda x: F.gelu(x),
 }
 
 
