@@ -41,6 +41,7 @@ from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
 GB = 1e9
 _DEFAULT_FAST_ACCUM = triton_ops.FP8_FAST_ACCUM
 _DEFAULT_COMPILED_QUANT = triton_ops.COMPILED_QUANT
+_DEFAULT_ACT_OP = triton_ops.COMPILED_ACT_OP
 
 
 def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512, **overrides) -> dict:
@@ -302,12 +303,15 @@ def _knobs(variant: str) -> str:
     "+wide": inductor keeps row reductions up to 16384 wide persistent (benchmarks/inductor_tuning);
     "+cdt": inductor's coordinate-descent tuning of its generated kernels (torchao's compiled variants
     get it from torchao's own config setter); "+nofuse": quantize_ with fuse_activations=False (the
-    GELUs stay separate ops, quantization/fusion.py)."""
+    GELUs stay separate ops, quantization/fusion.py); "+customop": under compile, the fused
+    quantization through the Python custom op instead of the triton_op (triton_ops.COMPILED_ACT_OP)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "customop"}
     if unknown:
-        raise ValueError(f"variant options {sorted(unknown)} unknown; valid: +fa, +nofa, +wide, +cdt, +nofuse")
+        raise ValueError(f"variant options {sorted(unknown)} unknown; "
+                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +customop")
     _FUSE[0] = "nofuse" not in opts
+    triton_ops.COMPILED_ACT_OP = "custom_op" if "customop" in opts else _DEFAULT_ACT_OP
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]
     triton_ops.COMPILED_QUANT = suffix if suffix in ("inductor", "kernel", "hybrid") else _DEFAULT_COMPILED_QUANT

@@ -46,6 +46,11 @@ COMPILED_QUANT = "inductor"
 # below. Wide activations (FLUX: gelu(mlp) rows of 12288, cat(attn, gelu(mlp)) rows of 15360) got
 # an amax pass and a quantize pass from inductor at ~1-1.5 TB/s (benchmarks/NOTES.md run 5a).
 COMPILED_QUANT_KERNEL_ABOVE = 4096
+# Under torch.compile on CUDA, how a fused-activation layer's quantization kernel is reached:
+# "triton_op" (triton_quant.act_quantize_gelu_tanh, a torch.library.triton_op: inductor launches the
+# kernel from its generated code) or "custom_op" (diffquant::act_quantize_per_token, a Python call
+# per layer; run 6b: the compiled fp8 FLUX forward took 101.8 ms for 84.8 ms of GPU work with it).
+COMPILED_ACT_OP = "triton_op"
 
 
 @functools.cache
@@ -239,7 +244,11 @@ def triton_act_linear(layer, x2d: torch.Tensor, prefix2d: torch.Tensor | None) -
     (inductor's code for these wide rows read them twice at ~1 TB/s: benchmarks/NOTES.md run 5a)."""
     fmt, act = layer.scheme.method, layer.input_act
     if torch.compiler.is_compiling():
-        xq, xs = torch.ops.diffquant.act_quantize_per_token(x2d, prefix2d, act, fmt)
+        if x2d.is_cuda and triton_available() and COMPILED_ACT_OP == "triton_op":
+            _kernels()  # registers diffquant::act_quantize_gelu_tanh
+            xq, xs = torch.ops.diffquant.act_quantize_gelu_tanh(x2d, prefix2d, fmt)
+        else:
+            xq, xs = torch.ops.diffquant.act_quantize_per_token(x2d, prefix2d, act, fmt)
         return _gemm_traced(layer, xq, xs, x2d.dtype, x2d.is_cuda)
     xq, xs = act_quantize_per_token_impl(x2d, prefix2d, act, fmt)
     return _gemm_eager(layer, xq, xs, x2d.dtype, x2d.is_cuda)

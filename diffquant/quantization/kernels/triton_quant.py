@@ -284,39 +284,62 @@ def fused_blocks(kp: int, kx: int) -> tuple[int, int]:
     return (triton.next_power_of_2(kp) if kp else 1), triton.next_power_of_2(max(kx, 1))
 
 
-def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
-                           kernel: str = "chunked", chunk: int | None = None, warps: int | None = None,
-                           monotone: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, Kx], prefix: [M, Kp] | None (CUDA, x's dtype) -> (q: [M, Kp + Kx], scale: [M, 1] f32):
-    per-token quantization of cat([prefix, act(x)], -1) (numerics/activations.py), bit-exact.
-    kernel "chunked" (default) or "rows" (whole rows in registers: rows up to
-    triton_ops.MAX_FUSED_ROW); chunk / warps / monotone override the launch (benchmarks)."""
-    if act not in ACT_CODES:
-        raise ValueError(f"act_quantize_per_token: no kernel for activation {act!r}; valid: {', '.join(ACT_CODES)}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+# The chunked kernel's default launch: the best of bench_act_quant's sweep at FLUX's shapes (run 6b:
+# single block 144 us, double-block FF 118 us; Wan2.2's FF 967 us vs 915 for the best there).
+ACT_CHUNK, ACT_WARPS = 1024, 8
+
+
+def _act_args(x, prefix, fmt, kernel, chunk, warps, monotone):
+    """(q, scale, kernel, grid, args, warps) for act_quantize_per_token (shared with the triton_op)."""
+    if prefix is not None and (prefix.shape[0] != x.shape[0] or prefix.dtype != x.dtype):
+        raise ValueError(f"act_quantize_per_token: prefix {tuple(prefix.shape)} {prefix.dtype} does not "
+                         f"match x {tuple(x.shape)} {x.dtype}")
     m, kx = x.shape
-    if prefix is not None:
-        prefix = prefix if prefix.stride(-1) == 1 else prefix.contiguous()
-        if prefix.shape[0] != m or prefix.dtype != x.dtype:
-            raise ValueError(f"act_quantize_per_token: prefix {tuple(prefix.shape)} {prefix.dtype} does not "
-                             f"match x {tuple(x.shape)} {x.dtype}")
     kp = 0 if prefix is None else prefix.shape[1]
     is_int8 = fmt == "int8"
     q = torch.empty((m, kp + kx), device=x.device, dtype=torch.int8 if is_int8 else torch.float8_e4m3fn)
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
-    if m == 0:
-        return q, scale
     p_arg = prefix if prefix is not None else x
     head = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
             INT8_MAX if is_int8 else FP8_MAX, is_int8, prefix is not None)
     if kernel == "rows":
         bp, bx = fused_blocks(kp, kx)
-        kern, w, args = _act_quant_rows_kernel, warps or max(4, min(16, (bp + bx) // 512)), (*head, bp, bx, _RINT)
-    elif kernel == "chunked":
-        mono = x.dtype in (torch.bfloat16, torch.float16) if monotone is None else monotone
-        kern, w, args = _act_quant_chunked_kernel, warps or 4, (*head, chunk or 1024, mono, _RINT)
-    else:
+        w = warps or max(4, min(16, (bp + bx) // 512))
+        return q, scale, _act_quant_rows_kernel, (m, 1, 1), (*head, bp, bx, _RINT), w
+    if kernel != "chunked":
         raise ValueError(f"act_quantize_per_token: kernel must be 'chunked' or 'rows', got {kernel!r}")
-    grid = (m, 1, 1)
-    _LAUNCHES.launch((kern, w, spec_key(args)), grid, args, x.device, lambda: kern[grid](*args, num_warps=w))
+    mono = x.dtype in (torch.bfloat16, torch.float16) if monotone is None else monotone
+    return q, scale, _act_quant_chunked_kernel, (m, 1, 1), (*head, chunk or ACT_CHUNK, mono, _RINT), warps or ACT_WARPS
+
+
+def _contiguous_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
+                           kernel: str = "chunked", chunk: int | None = None, warps: int | None = None,
+                           monotone: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, Kx], prefix: [M, Kp] | None (CUDA, x's dtype) -> (q: [M, Kp + Kx], scale: [M, 1] f32):
+    per-token quantization of cat([prefix, act(x)], -1) (numerics/activations.py), bit-exact.
+    kernel "chunked" (default) or "rows" (whole rows in registers, for comparison); chunk / warps /
+    monotone override the launch (benchmarks)."""
+    if act not in ACT_CODES:
+        raise ValueError(f"act_quantize_per_token: no kernel for activation {act!r}; valid: {', '.join(ACT_CODES)}")
+    x, prefix = _contiguous_rows(x), _contiguous_rows(prefix)
+    q, scale, kern, grid, args, w = _act_args(x, prefix, fmt, kernel, chunk, warps, monotone)
+    if x.shape[0]:
+        _LAUNCHES.launch((kern, w, spec_key(args)), grid, args, x.device, lambda: kern[grid](*args, num_warps=w))
+    return q, scale
+
+
+@torch.library.triton_op("diffquant::act_quantize_gelu_tanh", mutates_args=())
+def act_quantize_gelu_tanh(x: torch.Tensor, prefix: torch.Tensor | None, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_quantize_per_token(x, prefix, "gelu_tanh", fmt) as a torch.library.triton_op: under
+    torch.compile inductor launches the Triton kernel itself, like its own kernels, instead of
+    calling back into Python (run 6b: with the custom op, compiled fp8 FLUX kept the GPU busy
+    84.8 ms of a 101.8 ms forward)."""
+    x, prefix = _contiguous_rows(x), _contiguous_rows(prefix)
+    q, scale, kern, grid, args, w = _act_args(x, prefix, fmt, "chunked", None, None, None)
+    if x.shape[0]:
+        torch.library.wrap_triton(kern)[grid](*args, num_warps=w)
     return q, scale
