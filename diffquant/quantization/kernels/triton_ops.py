@@ -53,17 +53,28 @@ COMPILED_QUANT_KERNEL_ABOVE = 4096
 COMPILED_ACT_OP = "triton_op"
 
 
-@functools.cache
+# Whether triton is installed (found, not imported: importing diffquant stays free of triton and
+# CUDA). A constant, so torch.compile can trace code that asks.
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 @functools.cache
 def _kernels():
-    """(triton_quant, triton_gemm), imported on first CUDA use (they import triton)."""
+    """(triton_quant, triton_gemm), imported on first CUDA use (they import triton; triton_quant
+    registers the diffquant::act_quantize_gelu_tanh triton_op). Not traceable: QuantLinear calls it
+    when it picks this backend for a CUDA device, before any compiled forward."""
     from diffquant.quantization.kernels import triton_gemm, triton_quant
 
     return triton_quant, triton_gemm
+
+
+def load_kernels() -> None:
+    """Import the Triton kernels and register their ops (QuantLinear.backend_for, CUDA + triton)."""
+    _kernels()
 
 
 def _quant_ref(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,8 +255,7 @@ def triton_act_linear(layer, x2d: torch.Tensor, prefix2d: torch.Tensor | None) -
     (inductor's code for these wide rows read them twice at ~1 TB/s: benchmarks/NOTES.md run 5a)."""
     fmt, act = layer.scheme.method, layer.input_act
     if torch.compiler.is_compiling():
-        if x2d.is_cuda and triton_available() and COMPILED_ACT_OP == "triton_op":
-            _kernels()  # registers diffquant::act_quantize_gelu_tanh
+        if x2d.is_cuda and COMPILED_ACT_OP == "triton_op":  # registered by load_kernels()
             xq, xs = torch.ops.diffquant.act_quantize_gelu_tanh(x2d, prefix2d, fmt)
         else:
             xq, xs = torch.ops.diffquant.act_quantize_per_token(x2d, prefix2d, act, fmt)
