@@ -15,7 +15,7 @@ for stage in "$@"; do
   case $stage in
     tests) timeout ${TESTS_T:-240} python3 -m pytest ${TEST_PATHS:-tests/quantization/test_triton_kernels.py} -m gpu -q \
              -p no:cacheprovider --maxfail=30 -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1
-           echo "pytest exit $? (124: cut by the stage timeout, no summary line)"
+           rc=$?; echo "pytest exit $rc$([ $rc = 124 ] && echo ' (cut by the stage timeout: no summary line)')"
            grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | cut -c1-200 | head -8; tail -2 "$OUT/pytest.txt";;
     actq) timeout ${ACTQ_T:-150} python3 benchmarks/bench_act_quant.py --out "$OUT" > "$OUT/actq.log" 2>&1
           grep -E "wrote|Error" "$OUT/actq.log" | tail -3;;
