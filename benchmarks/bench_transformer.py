@@ -303,15 +303,16 @@ def _knobs(variant: str) -> str:
     "+wide": inductor keeps row reductions up to 16384 wide persistent (benchmarks/inductor_tuning);
     "+cdt": inductor's coordinate-descent tuning of its generated kernels (torchao's compiled variants
     get it from torchao's own config setter); "+nofuse": quantize_ with fuse_activations=False (the
-    GELUs stay separate ops, quantization/fusion.py); "+customop": under compile, the fused
-    quantization through the Python custom op instead of the triton_op (triton_ops.COMPILED_ACT_OP)."""
+    GELUs stay separate ops, quantization/fusion.py); "+customop" / "+tritonop": under compile, the
+    fused quantization through the Python custom op / the triton_op (triton_ops.COMPILED_ACT_OP)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "customop"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "customop", "tritonop"}
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; "
-                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +customop")
+                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +customop, +tritonop")
     _FUSE[0] = "nofuse" not in opts
-    triton_ops.COMPILED_ACT_OP = "custom_op" if "customop" in opts else _DEFAULT_ACT_OP
+    act_op = "custom_op" if "customop" in opts else "triton_op" if "tritonop" in opts else _DEFAULT_ACT_OP
+    triton_ops.COMPILED_ACT_OP = act_op
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]
     triton_ops.COMPILED_QUANT = suffix if suffix in ("inductor", "kernel", "hybrid") else _DEFAULT_COMPILED_QUANT

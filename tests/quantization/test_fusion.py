@@ -155,11 +155,14 @@ def test_act_quantize_kernel_strided_inputs(fmt, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("act_op", ["custom_op", "triton_op"])
 @pytest.mark.parametrize("method", ["fp8", "int8"])
-def test_fused_flux_on_gpu_equals_unfused_and_compiles(method):
+def test_fused_flux_on_gpu_equals_unfused_and_compiles(method, act_op, monkeypatch):
     """Tiny FLUX on the triton backend: fused == unfused bit for bit in eager mode (the kernel's GELU
-    is torch's); the fused blocks compile with fullgraph=True and match eager within 5% of max|out|."""
+    is torch's); the fused blocks compile with fullgraph=True (either way of reaching the kernel,
+    triton_ops.COMPILED_ACT_OP) and match eager within 5% of max|out|."""
     require_cuda((8, 9) if method == "fp8" else (8, 0))
+    monkeypatch.setattr(triton_ops, "COMPILED_ACT_OP", act_op)
     fused, plain, report, _ = _flux_pair(method, "cuda", backend="triton")
     assert sum(f.fused for f in report.fusions) == 6, report.table()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs(fused).items()}

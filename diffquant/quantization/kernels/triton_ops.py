@@ -47,10 +47,11 @@ COMPILED_QUANT = "inductor"
 # an amax pass and a quantize pass from inductor at ~1-1.5 TB/s (benchmarks/NOTES.md run 5a).
 COMPILED_QUANT_KERNEL_ABOVE = 4096
 # Under torch.compile on CUDA, how a fused-activation layer's quantization kernel is reached:
-# "triton_op" (triton_quant.act_quantize_gelu_tanh, a torch.library.triton_op: inductor launches the
-# kernel from its generated code) or "custom_op" (diffquant::act_quantize_per_token, a Python call
-# per layer; run 6b: the compiled fp8 FLUX forward took 101.8 ms for 84.8 ms of GPU work with it).
-COMPILED_ACT_OP = "triton_op"
+# "custom_op" (diffquant::act_quantize_per_token, a Python call per layer) or "triton_op"
+# (triton_quant.act_quantize_gelu_tanh, a torch.library.triton_op that inductor launches from its
+# generated code). Same run, FLUX.1-dev compiled fp8 (benchmarks/NOTES.md run 6d): 97.2 ms custom
+# op, 98.5 ms triton_op, within run-to-run spread; the custom op compiles faster (5 vs 9 s).
+COMPILED_ACT_OP = "custom_op"
 
 
 # Whether triton is installed (found, not imported: importing diffquant stays free of triton and
