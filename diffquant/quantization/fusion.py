@@ -119,8 +119,18 @@ _FUSED_CLASSES: dict[type, type] = {}
 
 def _fused_class(cls: type) -> type:
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_flux_single_forward})
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_flux_single_forward,
+                                                                     "__module__": __name__})
     return _FUSED_CLASSES[cls]
+
+
+def __getattr__(name: str):
+    """Pickle finds the fused block class here (torch.save / torch.load of a whole fused model)."""
+    if name == "FusedFluxSingleTransformerBlock":
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+        return _fused_class(FluxSingleTransformerBlock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fuse_flux_single(name: str, block: nn.Module) -> FusionReport:

@@ -73,3 +73,26 @@ def test_regional_compile_wrapper_matches_uncompiled(name):
 def test_unknown_variant_option_is_an_error():
     with pytest.raises(ValueError, match=r"\+fa, \+nofa, \+wide, \+cdt"):
         bench._knobs("fp8+fast")
+
+
+# GELUs the fusion pass moves into the next linear's quantization, per tiny spec: FLUX 2 double
+# blocks x (ff, ff_context) + 2 single blocks; Qwen-Image 2 blocks x (img_mlp, txt_mlp); Wan2.2
+# 2 blocks x ffn; Z-Image's SwiGLU feed-forward has no GELU.
+FUSIONS = {"flux1-dev": 6, "qwen-image": 4, "wan2.2-a14b": 2, "z-image": 0}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_fused_model_equals_unfused(name):
+    """quantize_ with and without fuse_activations: same output bit for bit (CPU reference path)."""
+    from diffquant.quantization import quantize_
+
+    torch.manual_seed(0)
+    spec = bench.SPECS[name](**TINY[name])
+    fused = spec["build"]().to(torch.bfloat16).eval().requires_grad_(False)
+    plain = copy.deepcopy(fused)
+    report = quantize_(fused, "fp8", keep_high_precision=spec["keep"])
+    quantize_(plain, {"method": "fp8", "fuse_activations": False}, keep_high_precision=spec["keep"])
+    assert sum(f.fused for f in report.fusions) == FUSIONS[name], report.table()
+    inputs = spec["inputs"]("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(_flat(fused(**inputs)), _flat(plain(**inputs)), rtol=0, atol=0)

@@ -6,6 +6,8 @@ checked on the GPU (test_triton_kernels.py)."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +53,19 @@ def test_fused_flux_equals_unfused(method):
     with torch.no_grad():
         out, ref = fused(**inputs)[0], plain(**inputs)[0]
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_fused_model_pickles(tmp_path):
+    """torch.save of the whole module (pickle) and torch.load in a fresh process give the same output."""
+    fused, _, _, _ = _flux_pair("fp8")
+    inputs = flux_inputs(fused)
+    torch.save({"model": fused, "inputs": inputs}, tmp_path / "m.pt")
+    code = ("import sys, torch; d = torch.load(sys.argv[1], weights_only=False); "
+            "torch.save(d['model'](**d['inputs'])[0], sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt"), str(tmp_path / "out.pt")], check=True)
+    with torch.no_grad():
+        ref = fused(**inputs)[0]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ref, rtol=0, atol=0)
 
 
 def test_fusion_skips_a_kept_consumer_and_says_why():
