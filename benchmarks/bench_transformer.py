@@ -294,6 +294,27 @@ def _free_memory() -> None:
 _FUSE = [True]  # set per variant by _knobs
 
 
+def _mode(variant: str, compiled: bool) -> str:
+    mode = "compiled (regional)" if compiled else "eager"
+    return mode + (" + CUDA graph" if "graph" in variant.split("+")[1:] else "")
+
+
+def _graphed(model, inputs):
+    """Replay function of one forward captured in a CUDA graph (after warm-up on a side stream, as
+    torch.cuda.graph requires). The inputs are the same tensors every call, so replays copy nothing;
+    compiled variants must not recompile during capture (their first call ran before)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            model(**inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(**inputs)
+    return graph.replay
+
+
 def _knobs(variant: str) -> str:
     """Set the kernel knobs a variant name carries; returns the name without its "+" option.
     "-inductor" / "-kernel" / "-hybrid": under compile, inductor generates the activation quantization
@@ -304,12 +325,14 @@ def _knobs(variant: str) -> str:
     "+cdt": inductor's coordinate-descent tuning of its generated kernels (torchao's compiled variants
     get it from torchao's own config setter); "+nofuse": quantize_ with fuse_activations=False (the
     GELUs stay separate ops, quantization/fusion.py); "+customop" / "+tritonop": under compile, the
-    fused quantization through the Python custom op / the triton_op (triton_ops.COMPILED_ACT_OP)."""
+    fused quantization through the Python custom op / the triton_op (triton_ops.COMPILED_ACT_OP);
+    "+graph": time replays of one forward captured in a CUDA graph (no CPU work per forward; its own
+    mode, compared with "bf16+graph")."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "customop", "tritonop"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "customop", "tritonop", "graph"}
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; "
-                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +customop, +tritonop")
+                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +customop, +tritonop, +graph")
     _FUSE[0] = "nofuse" not in opts
     act_op = "custom_op" if "customop" in opts else "triton_op" if "tritonop" in opts else _DEFAULT_ACT_OP
     triton_ops.COMPILED_ACT_OP = act_op
@@ -356,7 +379,7 @@ def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
 def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     _free_memory()
     mem0 = torch.cuda.memory_allocated()
-    row = dict(variant=variant, mode="compiled (regional)" if compiled else "eager")
+    row = dict(variant=variant, mode=_mode(variant, compiled))
     model = base if variant.partition("+")[0] == "bf16" else copy.deepcopy(base)
     t0 = time.perf_counter()
     row["quantization"] = _quantize_variant(model, _knobs(variant), spec["keep"])
@@ -364,7 +387,7 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     row["quantize_s"] = time.perf_counter() - t0
     row["weights_GB"] = (torch.cuda.memory_allocated() - mem0) / GB if model is not base else (
         sum(p.numel() * p.element_size() for p in model.parameters()) / GB)
-    if variant != "bf16" and not compiled:
+    if variant.partition("+")[0] != "bf16" and not compiled:
         sq = block_sqnr(model, captured)
         row["block_sqnr_db"] = sq
         row["sqnr_min_db"] = min(sq.values())
@@ -377,7 +400,8 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
         row["first_call_s"] = time.perf_counter() - t0
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        t = time_cuda(lambda: model(**inputs), warmup=2, reps=reps)
+        fn = _graphed(model, inputs) if row["mode"].endswith("CUDA graph") else (lambda: model(**inputs))
+        t = time_cuda(fn, warmup=2, reps=reps)
         row["activation_peak_GB"] = (torch.cuda.max_memory_allocated() - before) / GB
     row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], reps=t["reps"])
     row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
@@ -429,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             row = run_variant(base, spec, variant, compiled, captured, inputs, args.reps)
         except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking the rest
             traceback.print_exc()
-            row = dict(variant=variant, mode="compiled (regional)" if compiled else "eager",
+            row = dict(variant=variant, mode=_mode(variant, compiled),
                        error=f"{type(e).__name__}: {str(e)[:300]}")
             torch._dynamo.reset()
             gc.collect()
@@ -445,8 +469,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _report(args, spec, env, rows, profiles, echo=False):
-    for mode in ("eager", "compiled (regional)"):
-        base_row = next((r for r in rows if r["variant"] == "bf16" and r["mode"] == mode and "ms" in r), None)
+    for mode in {r["mode"] for r in rows}:
+        base_row = next((r for r in rows if r["variant"].partition("+")[0] == "bf16" and r["mode"] == mode
+                         and "ms" in r), None)
         for r in rows:
             if base_row and r["mode"] == mode and "ms" in r:
                 r["speedup_vs_bf16_same_mode"] = base_row["ms"] / r["ms"]

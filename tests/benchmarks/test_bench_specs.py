@@ -96,3 +96,13 @@ def test_fused_model_equals_unfused(name):
     inputs = spec["inputs"]("cpu")
     with torch.no_grad():
         torch.testing.assert_close(_flat(fused(**inputs)), _flat(plain(**inputs)), rtol=0, atol=0)
+
+
+def test_variant_options_parse():
+    """Variant names carry knobs after "+": each sets its library knob; unknown ones are an error."""
+    assert bench._knobs("fp8+nofuse+graph") == "fp8" and bench._FUSE[0] is False
+    assert bench._knobs("int8") == "int8" and bench._FUSE[0] is True
+    assert bench._mode("bf16+graph", True) == "compiled (regional) + CUDA graph"
+    assert bench._mode("fp8", False) == "eager"
+    with pytest.raises(ValueError, match=r"variant options \['grpah'\] unknown"):
+        bench._knobs("fp8+grpah")
