@@ -4,9 +4,10 @@ once, 8-bit codes written) instead of an activation kernel, a bf16 round trip an
 
 Two patterns, both in most diffusers transformers:
 
-- diffusers `FeedForward` with a GELU projection (`activation_fn="gelu"` / `"gelu-approximate"`:
-  FLUX double blocks, Qwen-Image, Wan2.2, ...): `net[0]` keeps its projection and drops its GELU,
-  and the output linear `net[2]` applies it (QuantLinear.input_act).
+- diffusers `FeedForward` with a tanh-GELU projection (`activation_fn="gelu-approximate"`: FLUX
+  double blocks, Qwen-Image, Wan2.2, ...): `net[0]` keeps its projection and drops its GELU, and
+  the output linear `net[2]` applies it (QuantLinear.input_act). The exact GELU (`"gelu"`) is
+  reported as a candidate that was not fused.
 - FLUX.1 single blocks: proj_out's input is cat([attention, gelu(proj_mlp(x))]); the block's
   forward (diffusers 0.42's, with one change) hands both parts to proj_out, which applies the
   GELU to the second and quantizes the row without materializing the concatenation.

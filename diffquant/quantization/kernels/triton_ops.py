@@ -256,7 +256,7 @@ def triton_act_linear(layer, x2d: torch.Tensor, prefix2d: torch.Tensor | None) -
     (inductor's code for these wide rows read them twice at ~1 TB/s: benchmarks/NOTES.md run 5a)."""
     fmt, act = layer.scheme.method, layer.input_act
     if torch.compiler.is_compiling():
-        if x2d.is_cuda and COMPILED_ACT_OP == "triton_op":  # registered by load_kernels()
+        if x2d.is_cuda and COMPILED_ACT_OP == "triton_op" and act == "gelu_tanh":  # registered by load_kernels()
             xq, xs = torch.ops.diffquant.act_quantize_gelu_tanh(x2d, prefix2d, fmt)
         else:
             xq, xs = torch.ops.diffquant.act_quantize_per_token(x2d, prefix2d, act, fmt)
