@@ -83,6 +83,25 @@ def test_fusion_needs_dynamic_per_token_activations():
     assert all("per_tensor" in f.reason for f in report.fusions)
 
 
+@pytest.mark.parametrize("activation_fn,fused", [("gelu-approximate", True), ("gelu", False)])
+def test_feedforward_fusion_by_gelu_form(activation_fn, fused, rng):
+    """A diffusers FeedForward alone: the tanh GELU fuses (same output), the exact GELU is reported
+    as not fused (no bit-exact kernel for it) and left as it was."""
+    from diffusers.models.attention import FeedForward
+
+    ff = FeedForward(64, activation_fn=activation_fn).to(torch.bfloat16)
+    plain = copy.deepcopy(ff)
+    report = quantize_(ff, "fp8")
+    quantize_(plain, {"method": "fp8", "fuse_activations": False})
+    [f] = report.fusions
+    assert f.fused is fused, f
+    if not fused:
+        assert "no fused kernel" in f.reason and f.act == "gelu(none)"
+    x = torch.randn(3, 5, 64, generator=rng).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x), plain(x), rtol=0, atol=0)
+
+
 def test_non_diffusers_module_has_no_fusion_candidates():
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(64, 32))
     assert quantize_(model, "fp8").fusions == []
