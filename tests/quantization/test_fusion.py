@@ -68,6 +68,18 @@ def test_fused_model_pickles(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_fused_flux_compiles_whole_model_cpu(method):
+    """The fused blocks (class-swapped single blocks, deferred GELUs, the fused custom op) trace
+    with fullgraph=True and give the eager output (aot_eager: the same ops)."""
+    fused, _, _, _ = _flux_pair(method)
+    inputs = flux_inputs(fused)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs)[0], fused(**inputs)[0], rtol=0, atol=0)
+
+
 def test_fusion_skips_a_kept_consumer_and_says_why():
     _, _, report, _ = _flux_pair("fp8", ignored_layers=["single_transformer_blocks.0.proj_out"])
     skipped = [f for f in report.fusions if not f.fused]
