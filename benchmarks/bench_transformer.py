@@ -42,6 +42,7 @@ GB = 1e9
 _DEFAULT_FAST_ACCUM = triton_ops.FP8_FAST_ACCUM
 _DEFAULT_COMPILED_QUANT = triton_ops.COMPILED_QUANT
 _DEFAULT_ACT_OP = triton_ops.COMPILED_ACT_OP
+_DEFAULT_INT8_KERNEL = triton_ops.COMPILED_INT8_KERNEL
 
 
 def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512, **overrides) -> dict:
@@ -327,12 +328,14 @@ def _knobs(variant: str) -> str:
     GELUs stay separate ops, quantization/fusion.py); "+customop" / "+tritonop": under compile, the
     fused quantization through the Python custom op / the triton_op (triton_ops.COMPILED_ACT_OP);
     "+graph": time replays of one forward captured in a CUDA graph (no CPU work per forward; its own
-    mode, compared with "bf16+graph")."""
+    mode, compared with "bf16+graph"); "+classic": under compile, int8 GEMMs on the classic kernel
+    instead of the TMA one (triton_ops.COMPILED_INT8_KERNEL)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "customop", "tritonop", "graph"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "customop", "tritonop", "graph", "classic"}
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; "
-                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +customop, +tritonop, +graph")
+                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +customop, +tritonop, +graph, +classic")
+    triton_ops.COMPILED_INT8_KERNEL = "classic" if "classic" in opts else _DEFAULT_INT8_KERNEL
     _FUSE[0] = "nofuse" not in opts
     act_op = "custom_op" if "customop" in opts else "triton_op" if "tritonop" in opts else _DEFAULT_ACT_OP
     triton_ops.COMPILED_ACT_OP = act_op

@@ -101,7 +101,9 @@ def test_fused_model_equals_unfused(name):
 def test_variant_options_parse():
     """Variant names carry knobs after "+": each sets its library knob; unknown ones are an error."""
     assert bench._knobs("fp8+nofuse+graph") == "fp8" and bench._FUSE[0] is False
+    assert bench._knobs("int8+classic") == "int8" and bench.triton_ops.COMPILED_INT8_KERNEL == "classic"
     assert bench._knobs("int8") == "int8" and bench._FUSE[0] is True
+    assert bench.triton_ops.COMPILED_INT8_KERNEL == "auto"
     assert bench._mode("bf16+graph", True) == "compiled (regional) + CUDA graph"
     assert bench._mode("fp8", False) == "eager"
     with pytest.raises(ValueError, match=r"variant options \['grpah'\] unknown"):

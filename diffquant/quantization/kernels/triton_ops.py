@@ -52,6 +52,10 @@ COMPILED_QUANT_KERNEL_ABOVE = 4096
 # generated code). Same run, FLUX.1-dev compiled fp8 (benchmarks/NOTES.md run 6d): 97.2 ms custom
 # op, 98.5 ms triton_op, within run-to-run spread; the custom op compiles faster (5 vs 9 s).
 COMPILED_ACT_OP = "custom_op"
+# Which Triton int8 GEMM the custom op (the compiled path) runs: "auto" (the persistent TMA kernel on
+# Hopper for M > 64: faster on the GPU, but three host-side TMA descriptors per call) or "classic".
+# Compiled int8 FLUX looked CPU-bound (115.5 ms in run 6d, 156 ms on a slower host in 6b): to measure.
+COMPILED_INT8_KERNEL = "auto"
 
 
 # Whether triton is installed (found, not imported: importing diffquant stays free of triton and
@@ -127,7 +131,7 @@ def w8a8_scaled_mm(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    return w8a8_scaled_mm_impl(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return w8a8_scaled_mm_impl(xq, x_scale, wq, w_scale, bias, out_dtype, COMPILED_INT8_KERNEL)
 
 
 @w8a8_scaled_mm.register_fake
