@@ -54,7 +54,7 @@ COMPILED_QUANT_KERNEL_ABOVE = 4096
 COMPILED_ACT_OP = "custom_op"
 # Which Triton int8 GEMM the custom op (the compiled path) runs: "auto" (the persistent TMA kernel on
 # Hopper for M > 64: faster on the GPU, but three host-side TMA descriptors per call) or "classic".
-# Compiled int8 FLUX looked CPU-bound (115.5 ms in run 6d, 156 ms on a slower host in 6b): to measure.
+# Compiled int8 FLUX depends on the host (115.5 ms in run 6d, 156 ms on a slower host in 6b): to measure.
 COMPILED_INT8_KERNEL = "auto"
 
 
