@@ -2,9 +2,9 @@
 fusion pass (diffquant/quantization/fusion.py) creates, against what it replaces.
 
 Per shape and fmt: the unfused eager path (torch GELU in bf16, torch.cat for FLUX single blocks,
-then our quantize kernel); the "rows" kernel (whole rows in registers) and the "chunked" kernel
-(launch sweep; monotone amax shortcut on and off). Every variant's codes and scales are compared
-with the unfused path's bit for bit (the unfused path is the spec on CUDA). The floor is the HBM
+then our quantize kernel) and the fused chunked kernel (launch sweep; monotone amax shortcut on
+and off; run 6b also timed a whole-row kernel, since removed). Every variant's codes and scales
+are compared with the unfused path's bit for bit (the unfused path is the spec on CUDA). The floor is the HBM
 traffic (activation in, codes out) at this run's copy bandwidth.
 
     python benchmarks/bench_act_quant.py [--out DIR]
@@ -46,7 +46,6 @@ def _unfused(x, p, fmt):
 
 def _variants(x, p, fmt):
     yield "unfused (gelu, cat, quantize)", lambda: _unfused(x, p, fmt)
-    yield "rows", lambda: triton_quant.act_quantize_per_token(x, p, "gelu_tanh", fmt, kernel="rows")
     for chunk, warps in CHUNKED:
         yield f"chunked c{chunk} w{warps}", lambda c=chunk, w=warps: triton_quant.act_quantize_per_token(
             x, p, "gelu_tanh", fmt, chunk=c, warps=w)
@@ -92,7 +91,7 @@ def main(argv=None):
     for fmt in args.fmts:
         for shape in SHAPES:
             rows += bench_shape(*shape, fmt, copy)
-            print(md_table(rows[-len(CHUNKED) - 3:], ["shape", "fmt", "variant", "us", "TBps", "bit_exact"]))
+            print(md_table(rows[-len(CHUNKED) - 2:], ["shape", "fmt", "variant", "us", "TBps", "bit_exact"]))
     env = environment()
     cols = ["shape", "fmt", "variant", "M", "K", "us", "TBps", "floor_us", "ms_per_forward", "bit_exact", "error"]
     md = (f"# Fused GELU + per-token quantization\n\n`{env['command']}`\n\n"

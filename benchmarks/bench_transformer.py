@@ -41,7 +41,6 @@ from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
 GB = 1e9
 _DEFAULT_FAST_ACCUM = triton_ops.FP8_FAST_ACCUM
 _DEFAULT_COMPILED_QUANT = triton_ops.COMPILED_QUANT
-_DEFAULT_ACT_OP = triton_ops.COMPILED_ACT_OP
 _DEFAULT_INT8_KERNEL = triton_ops.COMPILED_INT8_KERNEL
 
 
@@ -325,20 +324,17 @@ def _knobs(variant: str) -> str:
     "+wide": inductor keeps row reductions up to 16384 wide persistent (benchmarks/inductor_tuning);
     "+cdt": inductor's coordinate-descent tuning of its generated kernels (torchao's compiled variants
     get it from torchao's own config setter); "+nofuse": quantize_ with fuse_activations=False (the
-    GELUs stay separate ops, quantization/fusion.py); "+customop" / "+tritonop": under compile, the
-    fused quantization through the Python custom op / the triton_op (triton_ops.COMPILED_ACT_OP);
+    GELUs stay separate ops, quantization/fusion.py);
     "+graph": time replays of one forward captured in a CUDA graph (no CPU work per forward; its own
     mode, compared with "bf16+graph"); "+classic": under compile, int8 GEMMs on the classic kernel
     instead of the TMA one (triton_ops.COMPILED_INT8_KERNEL)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "customop", "tritonop", "graph", "classic"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic"}
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; "
-                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +customop, +tritonop, +graph, +classic")
+                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +graph, +classic")
     triton_ops.COMPILED_INT8_KERNEL = "classic" if "classic" in opts else _DEFAULT_INT8_KERNEL
     _FUSE[0] = "nofuse" not in opts
-    act_op = "custom_op" if "customop" in opts else "triton_op" if "tritonop" in opts else _DEFAULT_ACT_OP
-    triton_ops.COMPILED_ACT_OP = act_op
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]
     triton_ops.COMPILED_QUANT = suffix if suffix in ("inductor", "kernel", "hybrid") else _DEFAULT_COMPILED_QUANT

@@ -8,7 +8,6 @@ from torch import nn
 from diffquant.quantization import numerics as nx
 from diffquant.quantization.kernels import BACKENDS, LinearScheme, select_backend
 from diffquant.quantization.kernels.backends import FUSED_INPUT_BACKENDS, dequantize_weight, quantize_weight
-from diffquant.quantization.kernels.triton_ops import load_kernels
 
 
 def _check_finite(name: str, w: torch.Tensor) -> None:
@@ -63,8 +62,6 @@ class QuantLinear(nn.Module):
         choice = self._backends.get(device)
         if choice is None:
             choice = self._backends[device] = select_backend(self.scheme, self.backend_request, device)
-            if choice[0] == "triton" and device.type == "cuda":
-                load_kernels()  # the traced path needs the triton_op registered before compiling
         return choice
 
     @property

@@ -167,11 +167,10 @@ def test_fused_layer_checks_its_inputs(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
-@pytest.mark.parametrize("kernel", ["chunked", "rows"])
 @pytest.mark.parametrize("kp,kx", [(0, 113), (0, 12288), (3072, 12288), (37, 200), (0, 20000)])
 @pytest.mark.parametrize("m", [1, 7, 4224])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_act_quantize_kernel_bit_exact(fmt, kernel, kp, kx, m, dtype, rng):
+def test_act_quantize_kernel_bit_exact(fmt, kp, kx, m, dtype, rng):
     """q, scale == the reference quantization of cat([p, gelu_tanh(x)]) with torch's CUDA GELU
     (numerics/activations.py): rows over six decades (so some rows are all below the chunked
     kernel's monotone shortcut), a zero row, int8 ties, an outlier, an all-negative row."""
@@ -182,7 +181,7 @@ def test_act_quantize_kernel_bit_exact(fmt, kernel, kp, kx, m, dtype, rng):
     if m > 4:
         x[4] = -x[4].abs()
     p = _rows(m, kp, rng, dtype, "cuda") if kp else None
-    q, s = triton_quant.act_quantize_per_token(x, p, "gelu_tanh", fmt, kernel=kernel)
+    q, s = triton_quant.act_quantize_per_token(x, p, "gelu_tanh", fmt)
     _check_bit_exact(nx.activation_input(x, p, "gelu_tanh"), fmt, q, s)
 
 
@@ -195,20 +194,16 @@ def test_act_quantize_kernel_strided_inputs(fmt, rng):
 
     x = _rows(300, 1024, rng, torch.bfloat16, "cuda")[:, 100:612]
     p = _rows(300, 512, rng, torch.bfloat16, "cuda")[:, 64:320]
-    for kernel in ("chunked", "rows"):
-        q, s = triton_quant.act_quantize_per_token(x, p, "gelu_tanh", fmt, kernel=kernel)
-        _check_bit_exact(nx.activation_input(x, p, "gelu_tanh"), fmt, q, s)
+    q, s = triton_quant.act_quantize_per_token(x, p, "gelu_tanh", fmt)
+    _check_bit_exact(nx.activation_input(x, p, "gelu_tanh"), fmt, q, s)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("act_op", ["custom_op", "triton_op"])
 @pytest.mark.parametrize("method", ["fp8", "int8"])
-def test_fused_flux_on_gpu_equals_unfused_and_compiles(method, act_op, monkeypatch):
+def test_fused_flux_on_gpu_equals_unfused_and_compiles(method):
     """Tiny FLUX on the triton backend: fused == unfused bit for bit in eager mode (the kernel's GELU
-    is torch's); the fused blocks compile with fullgraph=True (either way of reaching the kernel,
-    triton_ops.COMPILED_ACT_OP) and match eager within 5% of max|out|."""
+    is torch's); the fused blocks compile with fullgraph=True and match eager within 5% of max|out|."""
     require_cuda((8, 9) if method == "fp8" else (8, 0))
-    monkeypatch.setattr(triton_ops, "COMPILED_ACT_OP", act_op)
     fused, plain, report, _ = _flux_pair(method, "cuda", backend="triton")
     assert sum(f.fused for f in report.fusions) == 6, report.table()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs(fused).items()}

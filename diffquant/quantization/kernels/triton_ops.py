@@ -46,12 +46,6 @@ COMPILED_QUANT = "inductor"
 # below. Wide activations (FLUX: gelu(mlp) rows of 12288, cat(attn, gelu(mlp)) rows of 15360) got
 # an amax pass and a quantize pass from inductor at ~1-1.5 TB/s (benchmarks/NOTES.md run 5a).
 COMPILED_QUANT_KERNEL_ABOVE = 4096
-# Under torch.compile on CUDA, how a fused-activation layer's quantization kernel is reached:
-# "custom_op" (diffquant::act_quantize_per_token, a Python call per layer) or "triton_op"
-# (triton_quant.act_quantize_gelu_tanh, a torch.library.triton_op that inductor launches from its
-# generated code). Same run, FLUX.1-dev compiled fp8 (benchmarks/NOTES.md run 6d): 97.2 ms custom
-# op, 98.5 ms triton_op, within run-to-run spread; the custom op compiles faster (5 vs 9 s).
-COMPILED_ACT_OP = "custom_op"
 # Which Triton int8 GEMM the custom op (the compiled path) runs: "auto" (the persistent TMA kernel on
 # Hopper for M > 64: faster on the GPU, but three host-side TMA descriptors per call) or "classic".
 # Compiled int8 FLUX depends on the host (115.5 ms in run 6d, 156 ms on a slower host in 6b): to measure.
@@ -69,17 +63,10 @@ def triton_available() -> bool:
 
 @functools.cache
 def _kernels():
-    """(triton_quant, triton_gemm), imported on first CUDA use (they import triton; triton_quant
-    registers the diffquant::act_quantize_gelu_tanh triton_op). Not traceable: QuantLinear calls it
-    when it picks this backend for a CUDA device, before any compiled forward."""
+    """(triton_quant, triton_gemm), imported on first CUDA use (they import triton)."""
     from diffquant.quantization.kernels import triton_gemm, triton_quant
 
     return triton_quant, triton_gemm
-
-
-def load_kernels() -> None:
-    """Import the Triton kernels and register their ops (QuantLinear.backend_for, CUDA + triton)."""
-    _kernels()
 
 
 def _quant_ref(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,10 +247,7 @@ def triton_act_linear(layer, x2d: torch.Tensor, prefix2d: torch.Tensor | None) -
     (inductor's code for these wide rows read them twice at ~1 TB/s: benchmarks/NOTES.md run 5a)."""
     fmt, act = layer.scheme.method, layer.input_act
     if torch.compiler.is_compiling():
-        if x2d.is_cuda and COMPILED_ACT_OP == "triton_op" and act == "gelu_tanh":  # registered by load_kernels()
-            xq, xs = torch.ops.diffquant.act_quantize_gelu_tanh(x2d, prefix2d, fmt)
-        else:
-            xq, xs = torch.ops.diffquant.act_quantize_per_token(x2d, prefix2d, act, fmt)
+        xq, xs = torch.ops.diffquant.act_quantize_per_token(x2d, prefix2d, act, fmt)
         return _gemm_traced(layer, xq, xs, x2d.dtype, x2d.is_cuda)
     xq, xs = act_quantize_per_token_impl(x2d, prefix2d, act, fmt)
     return _gemm_eager(layer, xq, xs, x2d.dtype, x2d.is_cuda)

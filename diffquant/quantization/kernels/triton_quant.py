@@ -213,33 +213,6 @@ def _act_quant_chunked_kernel(
     tl.store(s_ptr + row, scale)
 
 
-@triton.jit
-def _act_quant_rows_kernel(
-    p_ptr, x_ptr, q_ptr, s_ptr, KP, KX, stride_pm, stride_xm, stride_qm,
-    QMAX: tl.constexpr, IS_INT8: tl.constexpr, HAS_P: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr, RINT: tl.constexpr,
-):
-    """One row per program, all of it in registers: one read of p and x.
-    (Run 6a: 261 us a FLUX single-block row set, one 512-thread program per SM at a time, so the
-    tanh math never overlaps the loads; kept as the comparison for the chunked kernel.)"""
-    row = tl.program_id(0).to(tl.int64)
-    cx = tl.arange(0, BLOCK_X)
-    mx = cx < KX
-    y = _act_rounded(tl.load(x_ptr + row * stride_xm + cx, mask=mx, other=0.0), RINT)  # act(0) = 0 masked
-    amax = tl.max(tl.abs(y), axis=0)
-    if HAS_P:
-        cp = tl.arange(0, BLOCK_P)
-        mp = cp < KP
-        p = tl.load(p_ptr + row * stride_pm + cp, mask=mp, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(p), axis=0))
-    scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
-    q_row = q_ptr + row * stride_qm
-    tl.store(q_row + KP + cx, _codes(y, tl.full(y.shape, 1.0, tl.float32) * scale, QMAX, IS_INT8, RINT), mask=mx)
-    if HAS_P:
-        tl.store(q_row + cp, _codes(p, tl.full(p.shape, 1.0, tl.float32) * scale, QMAX, IS_INT8, RINT), mask=mp)
-    tl.store(s_ptr + row, scale)
-
-
 @functools.lru_cache(maxsize=256)
 def _launch_config(k: int) -> tuple[int, int, int]:
     """(rows per program, warps, BLOCK_K) for rows of k elements that fit in registers."""
@@ -279,67 +252,38 @@ def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None, warps
     return q, scale
 
 
-def fused_blocks(kp: int, kx: int) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_X): the register blocks of a fused row (prefix, activation part)."""
-    return (triton.next_power_of_2(kp) if kp else 1), triton.next_power_of_2(max(kx, 1))
-
-
 # The chunked kernel's default launch: the best of bench_act_quant's sweep at FLUX's shapes (run 6b:
 # single block 144 us, double-block FF 118 us; Wan2.2's FF 967 us vs 915 for the best there).
+# (Whole rows in registers, one program per row, measured 352 / 258 / 1971 us there: one program
+# per SM at a time, so the loads never overlapped the GELU math.)
 ACT_CHUNK, ACT_WARPS = 1024, 8
 
 
-def _act_args(x, prefix, fmt, kernel, chunk, warps, monotone):
-    """(q, scale, kernel, grid, args, warps) for act_quantize_per_token (shared with the triton_op)."""
-    if prefix is not None and (prefix.shape[0] != x.shape[0] or prefix.dtype != x.dtype):
-        raise ValueError(f"act_quantize_per_token: prefix {tuple(prefix.shape)} {prefix.dtype} does not "
-                         f"match x {tuple(x.shape)} {x.dtype}")
+def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
+                           chunk: int | None = None, warps: int | None = None,
+                           monotone: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, Kx], prefix: [M, Kp] | None (CUDA, x's dtype) -> (q: [M, Kp + Kx], scale: [M, 1] f32):
+    per-token quantization of cat([prefix, act(x)], -1) (numerics/activations.py), bit-exact.
+    chunk / warps / monotone override the launch (benchmarks)."""
+    if act not in ACT_CODES:
+        raise ValueError(f"act_quantize_per_token: no kernel for activation {act!r}; valid: {', '.join(ACT_CODES)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if prefix is not None:
+        prefix = prefix if prefix.stride(-1) == 1 else prefix.contiguous()
+        if prefix.shape[0] != x.shape[0] or prefix.dtype != x.dtype:
+            raise ValueError(f"act_quantize_per_token: prefix {tuple(prefix.shape)} {prefix.dtype} does not "
+                             f"match x {tuple(x.shape)} {x.dtype}")
     m, kx = x.shape
     kp = 0 if prefix is None else prefix.shape[1]
     is_int8 = fmt == "int8"
     q = torch.empty((m, kp + kx), device=x.device, dtype=torch.int8 if is_int8 else torch.float8_e4m3fn)
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return q, scale
     p_arg = prefix if prefix is not None else x
-    head = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
-            INT8_MAX if is_int8 else FP8_MAX, is_int8, prefix is not None)
-    if kernel == "rows":
-        bp, bx = fused_blocks(kp, kx)
-        w = warps or max(4, min(16, (bp + bx) // 512))
-        return q, scale, _act_quant_rows_kernel, (m, 1, 1), (*head, bp, bx, _RINT), w
-    if kernel != "chunked":
-        raise ValueError(f"act_quantize_per_token: kernel must be 'chunked' or 'rows', got {kernel!r}")
     mono = x.dtype in (torch.bfloat16, torch.float16) if monotone is None else monotone
-    return q, scale, _act_quant_chunked_kernel, (m, 1, 1), (*head, chunk or ACT_CHUNK, mono, _RINT), warps or ACT_WARPS
-
-
-def _contiguous_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
-def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
-                           kernel: str = "chunked", chunk: int | None = None, warps: int | None = None,
-                           monotone: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, Kx], prefix: [M, Kp] | None (CUDA, x's dtype) -> (q: [M, Kp + Kx], scale: [M, 1] f32):
-    per-token quantization of cat([prefix, act(x)], -1) (numerics/activations.py), bit-exact.
-    kernel "chunked" (default) or "rows" (whole rows in registers, for comparison); chunk / warps /
-    monotone override the launch (benchmarks)."""
-    if act not in ACT_CODES:
-        raise ValueError(f"act_quantize_per_token: no kernel for activation {act!r}; valid: {', '.join(ACT_CODES)}")
-    x, prefix = _contiguous_rows(x), _contiguous_rows(prefix)
-    q, scale, kern, grid, args, w = _act_args(x, prefix, fmt, kernel, chunk, warps, monotone)
-    if x.shape[0]:
-        _LAUNCHES.launch((kern, w, spec_key(args)), grid, args, x.device, lambda: kern[grid](*args, num_warps=w))
-    return q, scale
-
-
-@torch.library.triton_op("diffquant::act_quantize_gelu_tanh", mutates_args=())
-def act_quantize_gelu_tanh(x: torch.Tensor, prefix: torch.Tensor | None, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """act_quantize_per_token(x, prefix, "gelu_tanh", fmt) as a torch.library.triton_op: under
-    torch.compile inductor launches the Triton kernel itself, like its own kernels, instead of
-    calling back into Python (triton_ops.COMPILED_ACT_OP = "triton_op"; measured no faster than the
-    custom op on FLUX, run 6d)."""
-    x, prefix = _contiguous_rows(x), _contiguous_rows(prefix)
-    q, scale, kern, grid, args, w = _act_args(x, prefix, fmt, "chunked", None, None, None)
-    if x.shape[0]:
-        torch.library.wrap_triton(kern)[grid](*args, num_warps=w)
+    args = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
+            INT8_MAX if is_int8 else FP8_MAX, is_int8, prefix is not None, chunk or ACT_CHUNK, mono, _RINT)
+    w, grid, kern = warps or ACT_WARPS, (m, 1, 1), _act_quant_chunked_kernel
+    _LAUNCHES.launch((kern, w, spec_key(args)), grid, args, x.device, lambda: kern[grid](*args, num_warps=w))
     return q, scale
