@@ -3,9 +3,11 @@ fusion pass (diffquant/quantization/fusion.py) creates, against what it replaces
 
 Per shape and fmt: the unfused eager path (torch GELU in bf16, torch.cat for FLUX single blocks,
 then our quantize kernel) and the fused chunked kernel (launch sweep; monotone amax shortcut on
-and off; run 6b also timed a whole-row kernel, since removed). Every variant's codes and scales
-are compared with the unfused path's bit for bit (the unfused path is the spec on CUDA). The floor is the HBM
-traffic (activation in, codes out) at this run's copy bandwidth.
+and off; the math variants: libdevice's branching tanhf vs its branch-free form, div_rn vs the
+reciprocal division, each alone; run 6b also timed a whole-row kernel, since removed). Every
+variant's codes and scales are compared with the unfused path's bit for bit (the unfused path is
+the spec on CUDA). The floor is the HBM traffic (activation in, codes out) at this run's copy
+bandwidth.
 
     python benchmarks/bench_act_quant.py [--out DIR]
 """
@@ -32,8 +34,11 @@ SHAPES = [
     ("flux double ff (text)", 512, 0, 12288, 19),
     ("wan2.2 ff 480p x 81", 32760, 0, 13824, 40),
 ]
-CHUNKED = [(c, w) for c in (512, 1024, 2048, 4096) for w in (2, 4, 8)]
-
+CHUNKED = [(512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8)]  # run 6b swept 512-4096 x 2-8 warps
+# (tanh, rcp_div) math variants at the default launch: run 6b's kernel was (TANH_LIBDEVICE, False)
+MATH = [(triton_quant.TANH_LIBDEVICE, False, "libdevice tanhf, div_rn (run 6b)"),
+        (triton_quant.TANH_SELECT, False, "branch-free tanhf, div_rn"),
+        (triton_quant.TANH_LIBDEVICE, True, "libdevice tanhf, reciprocal division")]
 
 def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -49,8 +54,11 @@ def _variants(x, p, fmt):
     for chunk, warps in CHUNKED:
         yield f"chunked c{chunk} w{warps}", lambda c=chunk, w=warps: triton_quant.act_quantize_per_token(
             x, p, "gelu_tanh", fmt, chunk=c, warps=w)
-    yield "chunked c1024 w4, no shortcut", lambda: triton_quant.act_quantize_per_token(
-        x, p, "gelu_tanh", fmt, chunk=1024, warps=4, monotone=False)
+    for tanh, rcp, label in MATH:
+        yield f"chunked (default launch), {label}", lambda t=tanh, r=rcp: triton_quant.act_quantize_per_token(
+            x, p, "gelu_tanh", fmt, tanh=t, rcp_div=r)
+    yield "chunked (default launch), no shortcut", lambda: triton_quant.act_quantize_per_token(
+        x, p, "gelu_tanh", fmt, monotone=False)
 
 
 def bench_shape(name, m, kp, kx, calls, fmt, copy_tbps) -> list[dict]:
@@ -91,7 +99,8 @@ def main(argv=None):
     for fmt in args.fmts:
         for shape in SHAPES:
             rows += bench_shape(*shape, fmt, copy)
-            print(md_table(rows[-len(CHUNKED) - 2:], ["shape", "fmt", "variant", "us", "TBps", "bit_exact"]))
+            last = rows[-len(CHUNKED) - len(MATH) - 2:]
+            print(md_table(last, ["shape", "fmt", "variant", "us", "TBps", "bit_exact"]))
     env = environment()
     cols = ["shape", "fmt", "variant", "M", "K", "us", "TBps", "floor_us", "ms_per_forward", "bit_exact", "error"]
     md = (f"# Fused GELU + per-token quantization\n\n`{env['command']}`\n\n"

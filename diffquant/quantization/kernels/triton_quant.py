@@ -7,9 +7,12 @@ bit for bit (the tests compare with rtol=0, atol=0):
 
 - scale = amax / qmax with an IEEE round-to-nearest division (`tl.div_rn`; Triton's plain `/` on
   float32 is the approximate `div.full` and can differ in the last bit), 1.0 for an all-zero row;
-- q = x / scale, again `div_rn`, clamped to +-qmax before the cast (torch's fp8 cast does not
-  saturate), then cast to E4M3FN with round-to-nearest-even, or rounded half-to-even (`rint`,
-  PTX cvt.rni) to int8.
+- q = x / scale, again correctly rounded, clamped to +-qmax before the cast (torch's fp8 cast does
+  not saturate), then cast to E4M3FN with round-to-nearest-even, or rounded half-to-even (`rint`,
+  PTX cvt.rni) to int8. For bf16 / fp16 inputs the quotient comes from the row's reciprocal by
+  one multiply and one fma correction (Markstein), which is the correctly rounded quotient for
+  every pair a bf16 / fp16 row can hold (an exhaustive GPU test over all of them); float32 rows
+  and rows with a tiny scale keep `div_rn`.
 
 This module imports triton at import time; only `triton_ops` imports it, lazily, on CUDA.
 """
@@ -60,6 +63,40 @@ def _saturate_cast(y, QMAX: tl.constexpr, IS_INT8: tl.constexpr, RINT: tl.conste
 def _codes(x, scale, QMAX: tl.constexpr, IS_INT8: tl.constexpr, RINT: tl.constexpr):
     """x / scale (IEEE division, float32; scale broadcast to x's shape) as fp8 / int8 codes."""
     return _saturate_cast(tl.div_rn(x, scale), QMAX, IS_INT8, RINT)
+
+
+# Rows whose scale is below this keep div_rn: their reciprocal would be huge or infinite.
+_RCP_MIN_SCALE = tl.constexpr(2.0**-100)
+
+
+@triton.jit
+def _row_rcp(scale, RCP_DIV: tl.constexpr):
+    """The row's correctly rounded reciprocal for `_quotient`, or 0 where the row keeps div_rn."""
+    if RCP_DIV:  # noqa: SIM108 (constexpr branch)
+        rcp = tl.where(scale >= _RCP_MIN_SCALE, tl.div_rn(tl.full((), 1.0, tl.float32), scale), 0.0)
+    else:
+        rcp = tl.full((), 0.0, tl.float32)
+    return rcp
+
+
+@triton.jit
+def _quotient(x, scale, rcp):
+    """x / scale correctly rounded. rcp > 0 (the row's RN(1 / scale), a uniform branch): q = x * rcp
+    then one fma correction, q + RN(x - q * scale) * rcp (Markstein; the residual is exact in an
+    fma), which the exhaustive GPU test finds equal to div_rn for every bf16 / fp16 pair. rcp == 0:
+    div_rn. scale and rcp broadcast to x's shape."""
+    if rcp > 0.0:
+        q = x * rcp
+        q = tl.fma(tl.fma(-q, scale, x), rcp, q)
+    else:
+        q = tl.div_rn(x, scale)
+    return q
+
+
+@triton.jit
+def _codes_rcp(x, scale, rcp, QMAX: tl.constexpr, IS_INT8: tl.constexpr, RINT: tl.constexpr):
+    """`_codes` through `_quotient` (rcp from `_row_rcp`)."""
+    return _saturate_cast(_quotient(x, scale, rcp), QMAX, IS_INT8, RINT)
 
 
 @triton.jit
@@ -130,12 +167,55 @@ _GELU_NEG_BOUND = tl.constexpr(0.172)
 ACT_CODES = {"gelu_tanh": 1}
 
 
+# How the fused kernel computes tanhf: TANH_FORMULA (Triton's CPU interpreter, no libdevice; not
+# bit-exact on GPUs), TANH_LIBDEVICE (libdevice's __nv_tanhf: a per-element branch on |x| < 0.6), or
+# TANH_SELECT (the same PTX instructions with both sides computed and one selected: no divergence;
+# equal to libdevice's for all 2^32 float32 inputs, exhaustive GPU test).
+TANH_FORMULA, TANH_LIBDEVICE, TANH_SELECT = 0, 1, 2
+# libdevice's __nv_tanhf as Triton 3.6 inlines it for sm_90 (read from its PTX), branch-free:
+# |x| < 0.6 (or NaN): odd polynomial; else 1 - 2 / (2^(2|x| log2 e) + 1) with ex2/rcp.approx,
+# 1.0 from |x| >= 9.0109, and x's sign.
+_TANHF_SELECT_PTX = tl.constexpr("""{
+.reg .f32 a, x2, p, ts, e, tb;
+.reg .b32 sgn, bits;
+.reg .pred sat, small;
+abs.ftz.f32 a, $1;
+mul.f32 x2, $1, $1;
+fma.rn.ftz.f32 p, 0f3C80F082, x2, 0fBD563CAE;
+fma.rn.ftz.f32 p, p, x2, 0f3E085941;
+fma.rn.ftz.f32 p, p, x2, 0fBEAAA9ED;
+fma.rn.ftz.f32 p, p, x2, 0f00000000;
+fma.rn.ftz.f32 ts, p, $1, $1;
+mul.f32 e, a, 0f4038AA3B;
+ex2.approx.ftz.f32 e, e;
+add.f32 e, e, 0f3F800000;
+rcp.approx.ftz.f32 e, e;
+fma.rn.ftz.f32 tb, e, 0fC0000000, 0f3F800000;
+setp.ge.f32 sat, a, 0f41102CB4;
+selp.f32 tb, 0f3F800000, tb, sat;
+mov.b32 sgn, $1;
+and.b32 sgn, sgn, -2147483648;
+mov.b32 bits, tb;
+or.b32 bits, bits, sgn;
+mov.b32 tb, bits;
+setp.ltu.f32 small, a, 0f3F19999A;
+selp.f32 $0, ts, tb, small;
+}""")
+
+
 @triton.jit
-def _gelu_tanh(x, LIBDEVICE: tl.constexpr):
-    """x: float32. LIBDEVICE=False (Triton's CPU interpreter, which has no libdevice) uses a tanh
-    formula that is not bit-exact on GPUs."""
+def _tanhf_select(x):
+    """libdevice's tanhf, bit for bit, without its branch (x: float32)."""
+    return tl.inline_asm_elementwise(_TANHF_SELECT_PTX, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gelu_tanh(x, TANH: tl.constexpr):
+    """x: float32; TANH picks the tanhf (TANH_* above)."""
     inner = _GELU_BETA * tl.fma(x * x * x, tl.full(x.shape, _GELU_KAPPA, tl.float32), x)
-    if LIBDEVICE:  # noqa: SIM108 (constexpr branch)
+    if TANH == 2:
+        t = _tanhf_select(inner)
+    elif TANH == 1:
         t = libdevice.tanh(inner)
     else:
         t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
@@ -143,19 +223,19 @@ def _gelu_tanh(x, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _act_rounded(x, LIBDEVICE: tl.constexpr):
+def _act_rounded(x, TANH: tl.constexpr):
     """gelu_tanh of a loaded block, rounded to the block's dtype (as torch's output is), as float32."""
-    return _gelu_tanh(x.to(tl.float32), LIBDEVICE).to(x.dtype).to(tl.float32)
+    return _gelu_tanh(x.to(tl.float32), TANH).to(x.dtype).to(tl.float32)
 
 
 @triton.jit
-def _act_amax(x_row, KX, CHUNK: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _act_amax(x_row, KX, CHUNK: tl.constexpr, TANH: tl.constexpr):
     """max |act(x)| over a row, every element's activation computed."""
     cols = tl.arange(0, CHUNK)
     acc = tl.zeros((CHUNK,), dtype=tl.float32)
     for k0 in tl.range(0, KX, CHUNK):
         x = tl.load(x_row + k0 + cols, mask=k0 + cols < KX, other=0.0)
-        acc = tl.maximum(acc, tl.abs(_act_rounded(x, LIBDEVICE)))  # act(0) = 0 on masked lanes
+        acc = tl.maximum(acc, tl.abs(_act_rounded(x, TANH)))  # act(0) = 0 on masked lanes
     return tl.max(acc, axis=0)
 
 
@@ -172,7 +252,7 @@ def _abs_max(row_ptr, K, CHUNK: tl.constexpr):
 def _act_quant_chunked_kernel(
     p_ptr, x_ptr, q_ptr, s_ptr, KP, KX, stride_pm, stride_xm, stride_qm,
     QMAX: tl.constexpr, IS_INT8: tl.constexpr, HAS_P: tl.constexpr, CHUNK: tl.constexpr,
-    MONOTONE: tl.constexpr, RINT: tl.constexpr,
+    MONOTONE: tl.constexpr, RINT: tl.constexpr, TANH: tl.constexpr, RCP_DIV: tl.constexpr,
 ):
     """One row per program, in CHUNK-wide steps (small programs, many per SM, so loads overlap the
     activation math): q[row] = codes(cat(p[row], gelu_tanh(x[row]))).
@@ -182,7 +262,8 @@ def _act_quant_chunked_kernel(
     act(max x) > 0.172 it is the row's max |act| and pass 1 reads x without any tanh; rows where it
     is not (all inputs small or negative) compute every activation. The rounded activation keeps
     that order because neighbouring bf16/fp16 inputs are far apart compared with tanhf's error;
-    fp32 inputs always take the full pass. Either way the amax is exactly the reference's."""
+    fp32 inputs always take the full pass. Either way the amax is exactly the reference's.
+    RCP_DIV (bf16 / fp16 inputs): quotients through the row's reciprocal (`_quotient`)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, CHUNK)
     x_row = x_ptr + row * stride_xm
@@ -191,25 +272,26 @@ def _act_quant_chunked_kernel(
         for k0 in tl.range(0, KX, CHUNK):
             acc = tl.maximum(acc, tl.load(x_row + k0 + cols, mask=k0 + cols < KX, other=float("-inf")).to(tl.float32))
         xmax = tl.max(acc, axis=0).to(x_ptr.dtype.element_ty)
-        amax = _act_rounded(xmax, RINT)
+        amax = _act_rounded(xmax, TANH)
         if amax <= _GELU_NEG_BOUND:
-            amax = _act_amax(x_row, KX, CHUNK, RINT)
+            amax = _act_amax(x_row, KX, CHUNK, TANH)
     else:
-        amax = _act_amax(x_row, KX, CHUNK, RINT)
+        amax = _act_amax(x_row, KX, CHUNK, TANH)
     if HAS_P:
         amax = tl.maximum(amax, _abs_max(p_ptr + row * stride_pm, KP, CHUNK))
     scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+    rcp = _row_rcp(scale, RCP_DIV)
     scale_b = tl.full((CHUNK,), 1.0, tl.float32) * scale
     q_row = q_ptr + row * stride_qm
     if HAS_P:
         for k0 in tl.range(0, KP, CHUNK):
             m = k0 + cols < KP
             p = tl.load(p_ptr + row * stride_pm + k0 + cols, mask=m, other=0.0).to(tl.float32)
-            tl.store(q_row + k0 + cols, _codes(p, scale_b, QMAX, IS_INT8, RINT), mask=m)
+            tl.store(q_row + k0 + cols, _codes_rcp(p, scale_b, rcp, QMAX, IS_INT8, RINT), mask=m)
     for k0 in tl.range(0, KX, CHUNK):
         m = k0 + cols < KX
-        y = _act_rounded(tl.load(x_row + k0 + cols, mask=m, other=0.0), RINT)
-        tl.store(q_row + KP + k0 + cols, _codes(y, scale_b, QMAX, IS_INT8, RINT), mask=m)
+        y = _act_rounded(tl.load(x_row + k0 + cols, mask=m, other=0.0), TANH)
+        tl.store(q_row + KP + k0 + cols, _codes_rcp(y, scale_b, rcp, QMAX, IS_INT8, RINT), mask=m)
     tl.store(s_ptr + row, scale)
 
 
@@ -257,14 +339,15 @@ def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None, warps
 # (Whole rows in registers, one program per row, measured 352 / 258 / 1971 us there: one program
 # per SM at a time, so the loads never overlapped the GELU math.)
 ACT_CHUNK, ACT_WARPS = 1024, 8
+ACT_TANH = TANH_SELECT
 
 
 def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
-                           chunk: int | None = None, warps: int | None = None,
-                           monotone: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk: int | None = None, warps: int | None = None, monotone: bool | None = None,
+                           tanh: int | None = None, rcp_div: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, Kx], prefix: [M, Kp] | None (CUDA, x's dtype) -> (q: [M, Kp + Kx], scale: [M, 1] f32):
     per-token quantization of cat([prefix, act(x)], -1) (numerics/activations.py), bit-exact.
-    chunk / warps / monotone override the launch (benchmarks)."""
+    chunk / warps / monotone / tanh (TANH_*) / rcp_div override the launch (benchmarks)."""
     if act not in ACT_CODES:
         raise ValueError(f"act_quantize_per_token: no kernel for activation {act!r}; valid: {', '.join(ACT_CODES)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -281,9 +364,13 @@ def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: st
     if m == 0:
         return q, scale
     p_arg = prefix if prefix is not None else x
-    mono = x.dtype in (torch.bfloat16, torch.float16) if monotone is None else monotone
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    mono = half if monotone is None else monotone
+    rcp_div = (half and _RINT) if rcp_div is None else rcp_div
+    tanh = (ACT_TANH if _RINT else TANH_FORMULA) if tanh is None else tanh
     args = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
-            INT8_MAX if is_int8 else FP8_MAX, is_int8, prefix is not None, chunk or ACT_CHUNK, mono, _RINT)
+            INT8_MAX if is_int8 else FP8_MAX, is_int8, prefix is not None, chunk or ACT_CHUNK, mono, _RINT,
+            tanh, rcp_div)
     w, grid, kern = warps or ACT_WARPS, (m, 1, 1), _act_quant_chunked_kernel
     _LAUNCHES.launch((kern, w, spec_key(args)), grid, args, x.device, lambda: kern[grid](*args, num_warps=w))
     return q, scale
