@@ -143,7 +143,9 @@ def _add_generate(sub) -> None:
     gen.add_argument("--negative-prompt")
     gen.add_argument("--num-outputs", type=int, default=1, help="outputs per prompt")
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    gen.add_argument("--compile", action="store_true", help="torch.compile the diffusion transformer(s)")
+    gen.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                     help="torch.compile the diffusion transformer(s); MODE is a torch.compile mode: "
+                          "default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("-o", "--output", help="output file (.png; .gif/.webp animate videos)")
     gen.set_defaults(func=_cmd_generate)

@@ -78,6 +78,20 @@ _PARAM_TO_KWARG = {"num_inference_steps": "num_inference_steps", "guidance_scale
                    "num_frames": "num_frames", "negative_prompt": "negative_prompt"}
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(compile: bool | str) -> str | None:
+    """Engine's `compile` argument as a torch.compile mode name, None for no compile."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile!r}; valid: True, False, {', '.join(COMPILE_MODES)}")
+    return compile
+
+
 class Engine:
     """A quantized diffusers pipeline.
 
@@ -89,15 +103,19 @@ class Engine:
     "vae": None, "default": ...}) where text encoders / VAEs take "fp8" (FP8 weight-only storage) and
     "default" covers the diffusion transformers not named. The transformers are quantized layer by
     layer while they move to `device` (default: cuda if available), so no full bf16 copy lands there.
+    compile: True (or "default") runs the diffusion transformer(s) through torch.compile; a
+    torch.compile mode name picks that mode: "reduce-overhead" replays CUDA graphs, so no per-kernel
+    host work is left (every denoising step calls the transformer with the same shapes).
     """
 
     def __init__(self, model: str | Path | None = None, quantization: str | None = None,
                  quantization_config: Any = None, dtype: torch.dtype = torch.bfloat16,
-                 device: str | torch.device | None = None, compile: bool = False,
+                 device: str | torch.device | None = None, compile: bool | str = False,
                  cache_backend: str | None = None, cache_config: dict | None = None):
         if cache_backend is not None or cache_config is not None:
             raise NotImplementedError("cache_backend / cache_config (TeaCache, first-block cache) are planned; "
                                       "not implemented yet")
+        mode = _compile_mode(compile)  # checked before the slow load
         self.info: PipelineInfo = read_pipeline_info(model)
         self.profile = self.info.profile
         self.quant_config = resolve_quant_spec(quantization, quantization_config)
@@ -119,9 +137,9 @@ class Engine:
                     self.timings["quantize_s"])
         for hint in self.hints():
             logger.info(hint)
-        if compile:
+        if mode is not None:
             for name in self.info.transformers:
-                getattr(self.pipe, name).compile()
+                getattr(self.pipe, name).compile(mode=None if mode == "default" else mode)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], params: SamplingParams | None = None,

@@ -105,6 +105,21 @@ def test_compile_wraps_the_transformers(tiny_pipeline):
     assert engine.pipe.transformer_2._compiled_call_impl is not None
 
 
+def test_compile_mode_is_passed_to_torch_compile(tiny_pipeline, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    Engine(model=tiny_pipeline("flux1-dev"), quantization="fp8", compile="reduce-overhead")
+    Engine(model=tiny_pipeline("flux1-dev"), quantization="fp8", compile=True)
+    assert modes == ["reduce-overhead", None]
+
+
+def test_unknown_compile_mode_is_one_line_error(tiny_pipeline):
+    with pytest.raises(ValueError) as err:
+        Engine(model=tiny_pipeline("flux1-dev"), quantization="fp8", compile="reduce_overhead")
+    assert _one_line(err.value) == ("unknown compile mode 'reduce_overhead'; valid: True, False, default, "
+                                    "reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc)
     assert "\n" not in text
