@@ -31,7 +31,7 @@ def division_mismatch_kernel(count_ptr, QMAX: tl.constexpr, IS_INT8: tl.constexp
                              BLOCK: tl.constexpr):
     """Program p: the row amax with 16-bit pattern p (bf16 or fp16), its scale as the kernels
     compute it, then every 16-bit y with |y| <= amax: `_quotient` (reciprocal path) vs div_rn.
-    Counts [quotient bits differ, codes differ]."""
+    Counts [quotient bits differ where |quotient| >= 2^-30, codes differ, quotients differ below]."""
     half = tl.float16 if not IS_BF16 else tl.bfloat16
     amax = tl.program_id(0).to(tl.int16).to(half, bitcast=True).to(tl.float32)
     scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
@@ -40,17 +40,22 @@ def division_mismatch_kernel(count_ptr, QMAX: tl.constexpr, IS_INT8: tl.constexp
     offs = tl.arange(0, BLOCK)
     bad_q = tl.zeros((BLOCK,), tl.int32)
     bad_c = tl.zeros((BLOCK,), tl.int32)
+    tiny_q = tl.zeros((BLOCK,), tl.int32)
     for k0 in tl.range(0, 65536, BLOCK):
         y = (k0 + offs).to(tl.int16).to(half, bitcast=True).to(tl.float32)
         ok = tl.abs(y) <= amax  # also drops NaN and inf patterns
         ref = tl.div_rn(y, scale_b)
         got = tq._quotient(y, scale_b, rcp)
-        bad_q += (ok & (ref.to(tl.uint32, bitcast=True) != got.to(tl.uint32, bitcast=True))).to(tl.int32)
+        differ = ok & (ref.to(tl.uint32, bitcast=True) != got.to(tl.uint32, bitcast=True))
+        big = tl.abs(ref) >= 9.313225746154785e-10  # 2^-30
+        bad_q += (differ & big).to(tl.int32)
+        tiny_q += (differ & ~big).to(tl.int32)
         c_ref = tq._saturate_cast(ref, QMAX, IS_INT8, True).to(tl.int8, bitcast=True)
         c_got = tq._saturate_cast(got, QMAX, IS_INT8, True).to(tl.int8, bitcast=True)
         bad_c += (ok & (c_ref != c_got)).to(tl.int32)
     tl.atomic_add(count_ptr, tl.sum(bad_q, axis=0))
     tl.atomic_add(count_ptr + 1, tl.sum(bad_c, axis=0))
+    tl.atomic_add(count_ptr + 2, tl.sum(tiny_q, axis=0))
 
 
 @triton.jit

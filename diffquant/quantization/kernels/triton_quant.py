@@ -9,8 +9,8 @@ bit for bit (the tests compare with rtol=0, atol=0):
   float32 is the approximate `div.full` and can differ in the last bit), 1.0 for an all-zero row;
 - q = x / scale, again correctly rounded, clamped to +-qmax before the cast (torch's fp8 cast does
   not saturate), then cast to E4M3FN with round-to-nearest-even, or rounded half-to-even (`rint`,
-  PTX cvt.rni) to int8. For bf16 / fp16 inputs the quotient comes from the row's reciprocal by
-  one multiply and one fma correction (Markstein), which is the correctly rounded quotient for
+  PTX cvt.rni) to int8. In the fused kernel, bf16 / fp16 rows take the quotient from the row's
+  reciprocal by one multiply and one fma correction (Markstein): the codes equal div_rn's for
   every pair a bf16 / fp16 row can hold (an exhaustive GPU test over all of them); float32 rows
   and rows with a tiny scale keep `div_rn`.
 
@@ -65,8 +65,10 @@ def _codes(x, scale, QMAX: tl.constexpr, IS_INT8: tl.constexpr, RINT: tl.constex
     return _saturate_cast(tl.div_rn(x, scale), QMAX, IS_INT8, RINT)
 
 
-# Rows whose scale is below this keep div_rn: their reciprocal would be huge or infinite.
-_RCP_MIN_SCALE = tl.constexpr(2.0**-100)
+# Rows whose scale is below this keep div_rn. Above it, an element whose quotient is >= 2^-30 is
+# >= 2^-99, so the fma residual below is a normal float (exact); smaller quotients round to a zero
+# code either way.
+_RCP_MIN_SCALE = tl.constexpr(2.0**-69)
 
 
 @triton.jit
@@ -81,13 +83,14 @@ def _row_rcp(scale, RCP_DIV: tl.constexpr):
 
 @triton.jit
 def _quotient(x, scale, rcp):
-    """x / scale correctly rounded. rcp > 0 (the row's RN(1 / scale), a uniform branch): q = x * rcp
-    then one fma correction, q + RN(x - q * scale) * rcp (Markstein; the residual is exact in an
-    fma), which the exhaustive GPU test finds equal to div_rn for every bf16 / fp16 pair. rcp == 0:
-    div_rn. scale and rcp broadcast to x's shape."""
+    """x / scale. rcp > 0 (the row's RN(1 / scale), a uniform branch): q = x * rcp, then one fma
+    correction q + (x - q * scale) * rcp (Markstein; the residual is exact in an fma, and taken as
+    -(q * scale - x) so that x = -0 keeps its sign). The exhaustive GPU test finds it equal to
+    div_rn for every bf16 / fp16 pair whose quotient is >= 2^-30, and the codes equal for every
+    pair. rcp == 0: div_rn. scale and rcp broadcast to x's shape."""
     if rcp > 0.0:
         q = x * rcp
-        q = tl.fma(tl.fma(-q, scale, x), rcp, q)
+        q = tl.fma(-tl.fma(q, scale, -x), rcp, q)
     else:
         q = tl.div_rn(x, scale)
     return q
@@ -338,8 +341,8 @@ def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None, warps
 # single block 144 us, double-block FF 118 us; Wan2.2's FF 967 us vs 915 for the best there).
 # (Whole rows in registers, one program per row, measured 352 / 258 / 1971 us there: one program
 # per SM at a time, so the loads never overlapped the GELU math.)
-ACT_CHUNK, ACT_WARPS = 1024, 8
-ACT_TANH = TANH_SELECT
+ACT_CHUNK, ACT_WARPS = 2048, 8
+ACT_TANH, ACT_RCP_DIV = TANH_SELECT, True  # run 7b/7c: each bit-exact (exhaustive tests), faster
 
 
 def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
@@ -366,7 +369,7 @@ def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: st
     p_arg = prefix if prefix is not None else x
     half = x.dtype in (torch.bfloat16, torch.float16)
     mono = half if monotone is None else monotone
-    rcp_div = (half and _RINT) if rcp_div is None else rcp_div
+    rcp_div = (half and _RINT and ACT_RCP_DIV) if rcp_div is None else rcp_div
     tanh = (ACT_TANH if _RINT else TANH_FORMULA) if tanh is None else tanh
     args = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
             INT8_MAX if is_int8 else FP8_MAX, is_int8, prefix is not None, chunk or ACT_CHUNK, mono, _RINT,
