@@ -87,9 +87,9 @@ def _quotient(x, scale, rcp):
     correction q + (x - q * scale) * rcp (Markstein; the residual is exact in an fma). It is
     computed as q + (q * scale - x) * (-rcp) so that x = -0 gives -0 however `-x` is lowered
     (Triton emits unary minus as 0 - x, which maps -0 to +0: runs 7b/7c lost the sign of zero
-    that way in two other forms, the only codes that differed). The exhaustive GPU test finds it equal to div_rn for every bf16 / fp16
-    pair whose quotient is >= 2^-30, and the codes equal for every pair. rcp == 0: div_rn. scale
-    broadcasts to x's shape."""
+    that way in two other forms, the only codes that differed). The exhaustive GPU test finds it
+    equal to div_rn for every bf16 / fp16 pair whose quotient is >= 2^-30, and the codes equal for
+    every pair. rcp == 0: div_rn. scale broadcasts to x's shape."""
     if rcp > 0.0:
         q = x * rcp
         q = tl.fma(tl.fma(q, scale, -x), -rcp, q)
