@@ -241,9 +241,10 @@ class Engine:
                 out.append(f"{self.profile.display_name}: ignored_layers={list(rec)} is recommended for "
                            f"{name} (keeps quality-sensitive layers in bf16); not applied")
         methods = {getattr(self.plan.get(name), "method", None) for name in self.info.transformers}
-        if self.compile_mode == "default" and self.device.type == "cuda" and "int8" in methods:
-            out.append("int8 under torch.compile's default mode is bound by host work per layer (FLUX.1-dev "
-                       "on an H200: 0.89x bf16); compile='reduce-overhead' replays CUDA graphs (1.32x there)")
+        if self.compile_mode == "default" and self.device.type == "cuda" and methods & {"fp8", "int8"}:
+            out.append("fp8/int8 under torch.compile's default mode depend on host speed (FLUX.1-dev on an H200: "
+                       "fp8 1.25-1.37x, int8 0.89x bf16); compile='reduce-overhead' replays CUDA graphs "
+                       "(fp8 1.43x, int8 1.33x there)")
         return out
 
     def __repr__(self) -> str:

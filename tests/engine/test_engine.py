@@ -113,11 +113,12 @@ def test_compile_mode_is_passed_to_torch_compile(tiny_pipeline, monkeypatch):
     assert modes == ["reduce-overhead", None]
 
 
-def test_int8_default_compile_on_cuda_hints_cuda_graphs(tiny_pipeline, monkeypatch):
+def test_default_compile_on_cuda_hints_cuda_graphs(tiny_pipeline, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)
     hint = "compile='reduce-overhead' replays CUDA graphs"
     for method, mode, device, hinted in [("int8", True, "cuda", True), ("int8", "reduce-overhead", "cuda", False),
-                                         ("fp8", True, "cuda", False), ("int8", True, "cpu", False)]:
+                                         ("fp8", True, "cuda", True), ("int8", True, "cpu", False),
+                                         ("fp8", False, "cuda", False)]:
         engine = Engine(model=tiny_pipeline("flux1-dev"), quantization=method, compile=mode, device="cpu")
         engine.device = torch.device(device)  # the hint's logic only; the run stays on the CPU
         assert any(hint in h for h in engine.hints()) == hinted, (method, mode, device)
