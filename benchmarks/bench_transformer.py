@@ -10,7 +10,8 @@ Compiled variants use regional compilation: one `torch.compile(fullgraph=True)` 
 *type* (FLUX: double and single blocks), shared by every block of that type through
 `torch.func.functional_call` with that block's own weights, so each variant compiles two graphs
 instead of the whole model (the repeated blocks are ~all of the time; embedders and norm_out stay
-eager).
+eager). "+whole" / "+ro" compile the whole model as `Engine(compile=True / "reduce-overhead")` does
+(minutes of first compile each); "+graph" replays a CUDA graph of one compiled forward.
 
     python benchmarks/bench_transformer.py --model flux1-dev --variants bf16 fp8 int8 ao-fp8 ao-int8 \
         --compile bf16 fp8 int8 ao-fp8
@@ -294,8 +295,16 @@ def _free_memory() -> None:
 _FUSE = [True]  # set per variant by _knobs
 
 
+def _compile_kind(variant: str) -> str:
+    """How a compiled variant is compiled: "regional" (the default: regional_compile below),
+    "whole model" (+whole: model.compile(), as Engine(compile=True) does) or "whole model,
+    reduce-overhead" (+ro: as Engine(compile="reduce-overhead"): torch's CUDA-graph trees)."""
+    opts = variant.split("+")[1:]
+    return "whole model, reduce-overhead" if "ro" in opts else "whole model" if "whole" in opts else "regional"
+
+
 def _mode(variant: str, compiled: bool) -> str:
-    mode = "compiled (regional)" if compiled else "eager"
+    mode = f"compiled ({_compile_kind(variant)})" if compiled else "eager"
     return mode + (" + CUDA graph" if "graph" in variant.split("+")[1:] else "")
 
 
@@ -327,12 +336,16 @@ def _knobs(variant: str) -> str:
     GELUs stay separate ops, quantization/fusion.py);
     "+graph": time replays of one forward captured in a CUDA graph (no CPU work per forward; its own
     mode, compared with "bf16+graph"); "+classic": under compile, int8 GEMMs on the classic kernel
-    instead of the TMA one (triton_ops.COMPILED_INT8_KERNEL)."""
+    instead of the TMA one (triton_ops.COMPILED_INT8_KERNEL); "+whole" / "+ro": under compile, the
+    whole model through model.compile() in torch.compile's default / "reduce-overhead" mode, as the
+    Engine compiles (no per-block wrapper; first compiles take minutes: see _compile_kind)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "whole", "ro"}
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; "
-                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +graph, +classic")
+                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +graph, +classic, +whole, +ro")
+    if "ro" in opts and ("graph" in opts or "whole" in opts):
+        raise ValueError(f"{variant}: +ro is whole-model compile with CUDA-graph trees; it takes no +graph or +whole")
     triton_ops.COMPILED_INT8_KERNEL = "classic" if "classic" in opts else _DEFAULT_INT8_KERNEL
     _FUSE[0] = "nofuse" not in opts
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
@@ -347,13 +360,21 @@ def _knobs(variant: str) -> str:
     return name
 
 
-def _compile_for(model, spec, compiled: bool):
-    """Regional compile when asked (from a clean dynamo cache: the knobs of the previous variant
+def _compile_for(model, spec, variant: str, compiled: bool):
+    """Compile as the variant asks (from a clean dynamo cache: the knobs of the previous variant
     must not be reused); returns the undo function (or None)."""
     if not compiled:
         return None
     torch._dynamo.reset()
-    return regional_compile(model, spec["blocks"])
+    kind = _compile_kind(variant)
+    if kind == "regional":
+        return regional_compile(model, spec["blocks"])
+    model.compile(fullgraph=False, mode="reduce-overhead" if kind.endswith("reduce-overhead") else None)
+
+    def restore():
+        model._compiled_call_impl = None
+
+    return restore
 
 
 @contextlib.contextmanager
@@ -391,7 +412,7 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
         row["block_sqnr_db"] = sq
         row["sqnr_min_db"] = min(sq.values())
         row["sqnr_mean_db"] = sum(sq.values()) / len(sq)
-    restore = _compile_for(model, spec, compiled)
+    restore = _compile_for(model, spec, variant, compiled)
     with torch.no_grad():
         t0 = time.perf_counter()
         model(**inputs)
@@ -400,7 +421,7 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         fn = _graphed(model, inputs) if row["mode"].endswith("CUDA graph") else (lambda: model(**inputs))
-        t = time_cuda(fn, warmup=2, reps=reps)
+        t = time_cuda(fn, warmup=4 if "reduce-overhead" in row["mode"] else 2, reps=reps)  # trees record on call 2-3
         row["activation_peak_GB"] = (torch.cuda.max_memory_allocated() - before) / GB
     row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], reps=t["reps"])
     row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
@@ -527,7 +548,7 @@ def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
     _free_memory()
     model = base if variant.partition("+")[0] == "bf16" else copy.deepcopy(base)
     _quantize_variant(model, _knobs(variant), spec["keep"])
-    restore = _compile_for(model, spec, compiled)
+    restore = _compile_for(model, spec, variant, compiled)
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():

@@ -106,5 +106,22 @@ def test_variant_options_parse():
     assert bench.triton_ops.COMPILED_INT8_KERNEL == "auto"
     assert bench._mode("bf16+graph", True) == "compiled (regional) + CUDA graph"
     assert bench._mode("fp8", False) == "eager"
+    assert bench._mode("fp8+whole", True) == "compiled (whole model)"
+    assert bench._mode("bf16+ro", True) == "compiled (whole model, reduce-overhead)"
+    assert bench._knobs("fp8+ro") == "fp8"
     with pytest.raises(ValueError, match=r"variant options \['grpah'\] unknown"):
         bench._knobs("fp8+grpah")
+    with pytest.raises(ValueError, match=r"fp8\+ro\+graph: \+ro is whole-model compile"):
+        bench._knobs("fp8+ro+graph")
+
+
+def test_whole_model_compile_variants_wrap_and_restore():
+    """"+whole" / "+ro" compile the whole model (as the Engine does) and the undo removes it."""
+    spec = bench.SPECS["flux1-dev"](**TINY["flux1-dev"])
+    model = spec["build"]()
+    for variant in ("fp8+whole", "fp8+ro"):
+        restore = bench._compile_for(model, spec, variant, compiled=True)
+        assert model._compiled_call_impl is not None
+        restore()
+        assert model._compiled_call_impl is None
+    assert bench._compile_for(model, spec, "fp8+whole", compiled=False) is None
