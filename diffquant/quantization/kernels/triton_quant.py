@@ -218,9 +218,9 @@ def _tanhf_select(x):
 def _gelu_tanh(x, TANH: tl.constexpr):
     """x: float32; TANH picks the tanhf (TANH_* above)."""
     inner = _GELU_BETA * tl.fma(x * x * x, tl.full(x.shape, _GELU_KAPPA, tl.float32), x)
-    if TANH == 2:
+    if TANH == 2:  # TANH_SELECT
         t = _tanhf_select(inner)
-    elif TANH == 1:
+    elif TANH == 1:  # TANH_LIBDEVICE
         t = libdevice.tanh(inner)
     else:
         t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
@@ -339,12 +339,13 @@ def quantize_per_token(x: torch.Tensor, fmt: str, rows: int | None = None, warps
     return q, scale
 
 
-# The chunked kernel's default launch: the best of bench_act_quant's sweep at FLUX's shapes (run 6b:
-# single block 144 us, double-block FF 118 us; Wan2.2's FF 967 us vs 915 for the best there).
-# (Whole rows in registers, one program per row, measured 352 / 258 / 1971 us there: one program
-# per SM at a time, so the loads never overlapped the GELU math.)
+# The chunked kernel's default launch and math: the best of bench_act_quant's sweep at FLUX's and
+# Wan2.2's shapes with the branch-free tanhf and the reciprocal division (runs 7b-7d, all bit-exact:
+# FLUX single block 112.9 us, double-block FF 87.9 us, Wan2.2's FF 700 us; run 6b's kernel, libdevice
+# tanhf + div_rn at CHUNK 1024: 146.4 / 113.3 / 936 in the same run). (Whole rows in registers,
+# one program per row, measured 352 / 258 / 1971 us in run 6b: one program per SM at a time.)
 ACT_CHUNK, ACT_WARPS = 2048, 8
-ACT_TANH, ACT_RCP_DIV = TANH_SELECT, True  # run 7b/7c: each bit-exact (exhaustive tests), faster
+ACT_TANH, ACT_RCP_DIV = TANH_SELECT, True
 
 
 def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
