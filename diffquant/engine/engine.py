@@ -88,7 +88,8 @@ def _compile_mode(compile: bool | str) -> str | None:
     if compile is True:
         return "default"
     if compile not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {compile!r}; valid: True, False, {', '.join(COMPILE_MODES)}")
+        raise ValueError(f"unknown compile mode {compile!r}; valid: True, False or a torch.compile mode: "
+                         f"{', '.join(COMPILE_MODES)}")
     return compile
 
 

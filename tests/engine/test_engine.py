@@ -127,8 +127,8 @@ def test_default_compile_on_cuda_hints_cuda_graphs(tiny_pipeline, monkeypatch):
 def test_unknown_compile_mode_is_one_line_error(tiny_pipeline):
     with pytest.raises(ValueError) as err:
         Engine(model=tiny_pipeline("flux1-dev"), quantization="fp8", compile="reduce_overhead")
-    assert _one_line(err.value) == ("unknown compile mode 'reduce_overhead'; valid: True, False, default, "
-                                    "reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
+    assert _one_line(err.value) == ("unknown compile mode 'reduce_overhead'; valid: True, False or a torch.compile "
+                                    "mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
 
 
 def _one_line(exc: BaseException) -> str:
