@@ -64,6 +64,8 @@ def test_regional_compile_wrapper_matches_uncompiled(name):
         torch._dynamo.reset()
         restore = bench.regional_compile(model, spec["blocks"], backend="eager")
         out = _flat(model(**inputs))
+        captured = bench._capture_blocks(model, spec["sqnr_blocks"], inputs)  # reaches the wrapped blocks
+        assert min(bench.block_sqnr(model, captured).values()) == float("inf")  # the block SQNR of compiled rows
     restore()
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for attr, blocks in originals.items():
