@@ -13,9 +13,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
-    tests) timeout ${TESTS_T:-240} python3 -m pytest ${TEST_PATHS:-tests/quantization/test_triton_kernels.py} -m gpu -q \
-             -p no:cacheprovider --maxfail=30 -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1
-           rc=$?; echo "pytest exit $rc$([ $rc = 124 ] && echo ' (cut by the stage timeout: no summary line)')"
+    # SIGINT at the limit: pytest stops like on Ctrl-C and still prints its summary and the failures.
+    tests) timeout -s INT -k 30 ${TESTS_T:-240} python3 -m pytest ${TEST_PATHS:-tests/quantization/test_triton_kernels.py} \
+             -m gpu -q -rfE -p no:cacheprovider --maxfail=30 -k "${TESTK:-not nothing}" > "$OUT/pytest.txt" 2>&1
+           rc=$?; echo "pytest exit $rc$([ $rc = 124 ] && echo ' (cut by the stage timeout)')"
            grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | cut -c1-200 | head -8; tail -2 "$OUT/pytest.txt";;
     actq) timeout ${ACTQ_T:-150} python3 benchmarks/bench_act_quant.py --out "$OUT" > "$OUT/actq.log" 2>&1
           grep -E "wrote|Error" "$OUT/actq.log" | tail -3;;
