@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, linear benchmark, transformer benchmark. Usage (from the repo root,
 # with the wheels of /work/shared/gpu-wheels.sh in .whl/):  bash benchmarks/gpu_session.sh STAGES...
-# STAGES: tests actq gemm linear eager fused model compile (env vars tune each; see the case below); outputs go to $OUT.
+# STAGES: tests actq attn gemm linear eager fused model compile (env vars tune each; see the case below); outputs go to $OUT.
 # Stamp the commit first (git rev-parse --short HEAD > .device_commit) and carry it with .whl: the
 # device's git metadata can lag behind the copied tree.
 set -u
@@ -20,6 +20,8 @@ for stage in "$@"; do
            grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | cut -c1-200 | head -8; tail -2 "$OUT/pytest.txt";;
     actq) timeout ${ACTQ_T:-150} python3 benchmarks/bench_act_quant.py --out "$OUT" > "$OUT/actq.log" 2>&1
           grep -E "wrote|Error" "$OUT/actq.log" | tail -3;;
+    attn) timeout ${ATTN_T:-150} python3 benchmarks/bench_attention.py --out "$OUT" > "$OUT/attn.log" 2>&1
+          grep -E "wrote|Error" "$OUT/attn.log" | tail -3;;
     gemm) timeout ${GEMM_T:-150} python3 benchmarks/bench_gemm_kernels.py --out "$OUT" > "$OUT/gemm.log" 2>&1
           tail -16 "$OUT/gemm.log";;
     linear) timeout ${LINEAR_T:-150} python3 benchmarks/bench_linear.py --out "$OUT" ${LINEAR_ARGS:-} > "$OUT/linear.log" 2>&1

@@ -1,0 +1,181 @@
+"""FP8 attention (prototype): Triton kernels for numerics/attention.py.
+
+`fp8_attention(q, k, v)` ([B, H, N, D] bf16/fp16, D in {64, 128}) quantizes Q and K per block of
+rows and V per channel (three small kernels; V's codes are written transposed, [B, H, D, N], the
+K-major layout Hopper's FP8 wgmma wants for the P @ V operand), then runs a FlashAttention-2 style
+forward with both matmuls on FP8 tensor cores and its tiles loaded through TMA descriptors:
+S = (Qq Kq^T) * sq * sk * sm_scale * log2(e) in float32, online softmax in base 2, P * 256
+rounded to E4M3 (the 256 folded into the exponent), O += Pq Vq, and at the end O * sv / l.
+Non-causal, no mask (DiT self-attention).
+
+CODES=False (the CPU interpreter, which has no reliable FP8 casts) keeps every "code" in float32:
+the same control flow without rounding, for logic tests only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+P_SCALE = 256.0
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _to_codes(y, CODES: tl.constexpr):
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    if CODES:  # noqa: SIM108 (constexpr branch)
+        c = y.to(tl.float8e4nv)
+    else:
+        c = y
+    return c
+
+
+@triton.jit
+def _p_codes(p, CODES: tl.constexpr):
+    """P * 256 (<= 256: no clamp needed) as E4M3."""
+    if CODES:  # noqa: SIM108 (constexpr branch)
+        c = p.to(tl.float8e4nv)
+    else:
+        c = p
+    return c
+
+
+@triton.jit
+def _quant_row_blocks_kernel(x_ptr, c_ptr, s_ptr, H, N, NB, sxb, sxh, sxn, sxd,
+                             BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
+    """Q / K: one scale per BLOCK rows of one (batch, head); codes contiguous [B, H, N, D]."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    m = (rows < N)[:, None]
+    x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd, mask=m,
+                other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), 448.0, tl.float32)), 1.0)
+    codes = _to_codes(tl.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * scale), CODES)
+    tl.store(c_ptr + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], codes, mask=m)
+    tl.store(s_ptr + bh * NB + blk, scale)
+
+
+@triton.jit
+def _channel_amax_kernel(x_ptr, amax_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK: tl.constexpr, D: tl.constexpr):
+    """V: per-channel amax of BLOCK rows, combined across programs with atomic max (amax >= 0)."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd,
+                mask=(rows < N)[:, None], other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr + bh * D + cols, tl.max(tl.abs(x), axis=0))
+
+
+@triton.jit
+def _quant_v_kernel(x_ptr, amax_ptr, ct_ptr, s_ptr, H, N, SCT, sxb, sxh, sxn, sxd,
+                    BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
+    """V codes, transposed: ct[b, h, d, n] = v[b, h, n, d] / scale[b, h, d] (ct rows SCT apart)."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    m = (rows < N)[:, None]
+    x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd, mask=m,
+                other=0.0).to(tl.float32)
+    amax = tl.load(amax_ptr + bh * D + cols)
+    scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+    codes = _to_codes(tl.div_rn(x, tl.broadcast_to(scale[None, :], x.shape)), CODES)
+    tl.store(ct_ptr + (bh.to(tl.int64) * D + cols[None, :]) * SCT + rows[:, None], codes, mask=m)
+    if blk == 0:
+        tl.store(s_ptr + bh * D + cols, scale)
+
+
+@triton.jit
+def _attn_fwd_kernel(q_desc, k_desc, vt_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, H, N, NBQ, NBK,
+                     sob, soh, son, sod, qk_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
+    """One BLOCK_M query block of one (batch, head); qk_scale = sm_scale * log2(e). Q and K codes
+    are read through TMA descriptors over [B * H * N, D] (a tile past this head's N reads the next
+    head's rows: those keys are masked to -inf, those queries are not stored), V's transposed codes
+    through one over [B * H * D, N] (columns past N are zero-filled)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D)
+    q = q_desc.load([bh * N + pid_m * BLOCK_M, 0])
+    q_scale = tl.load(sq_ptr + bh * NBQ + pid_m) * qk_scale
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in tl.range(0, N, BLOCK_N):
+        k = k_desc.load([bh * N + start, 0])
+        qk = tl.dot(q, tl.trans(k))
+        sc = q_scale * tl.load(sk_ptr + bh * NBK + start // BLOCK_N)  # > 0
+        if start + BLOCK_N > N:  # the last, partial block (a uniform branch)
+            qk = tl.where((start + offs_n < N)[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sc)
+        p = tl.math.exp2(qk * sc - (m_new - 8.0)[:, None])  # 256 * exp2(s - m_new): one fma + ex2
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        vt = vt_desc.load([bh * D, start])
+        acc = tl.dot(_p_codes(p, CODES), tl.trans(vt), acc)
+        m_i = m_new
+    sv = tl.load(sv_ptr + bh * D + cols)
+    out = acc * sv[None, :] / l_i[:, None]  # l_i carries the same 256
+    tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + rows[:, None] * son + cols[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=(rows < N)[:, None])
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_k: int = 128,
+                 codes: bool = True):
+    """(qc, sq, kc, sk, vct, sv): Q/K codes [B, H, N, D] with per-block scales [B, H, nb]; V codes
+    transposed [B, H, D, N] with per-channel scales [B, H, D] (numerics/attention.py)."""
+    bsz, heads, n, d = q.shape
+    dt = torch.float8_e4m3fn if codes else torch.float32
+    out = []
+    for x, block in ((q, block_q), (k, block_k)):
+        nb = triton.cdiv(n, block)
+        c = torch.empty((bsz, heads, n, d), device=x.device, dtype=dt)
+        s = torch.empty((bsz, heads, nb), device=x.device, dtype=torch.float32)
+        _quant_row_blocks_kernel[(nb, bsz * heads)](x, c, s, heads, n, nb, *x.stride(), BLOCK=block, D=d, CODES=codes)
+        out += [c, s]
+    nb = triton.cdiv(n, 64)
+    amax = torch.zeros((bsz, heads, d), device=v.device, dtype=torch.float32)
+    _channel_amax_kernel[(nb, bsz * heads)](v, amax, heads, n, *v.stride(), BLOCK=64, D=d)
+    # Rows of N codes padded to 16 bytes (TMA strides); the kernels index with this row stride.
+    vct = torch.empty((bsz, heads, d, triton.cdiv(n, 16) * 16), device=v.device, dtype=dt)[..., :n]
+    sv = torch.empty((bsz, heads, d), device=v.device, dtype=torch.float32)
+    _quant_v_kernel[(nb, bsz * heads)](v, amax, vct, sv, heads, n, vct.stride(2), *v.stride(), BLOCK=64, D=d,
+                                       CODES=codes)
+    return (*out, vct, sv)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
+                  block_m: int = 128, block_n: int = 128, warps: int = 8, stages: int = 3,
+                  codes: bool = True) -> torch.Tensor:
+    """Attention of [B, H, N, D] q, k, v (same shape; non-causal, no mask) on FP8 tensor cores; out
+    in q's dtype, [B, H, N, D]. block_m / block_n are also Q's / K's quantization blocks."""
+    bsz, heads, n, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape or d not in (64, 128):
+        raise ValueError(f"fp8_attention: q, k, v must share a [B, H, N, D] shape with D 64 or 128; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    qc, sq, kc, sk, vct, sv = quantize_qkv(q, k, v, block_m, block_n, codes)
+    o = torch.empty_like(q)
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    rows = bsz * heads * n
+    q_desc = TensorDescriptor(qc, [rows, d], [d, 1], [block_m, d])
+    k_desc = TensorDescriptor(kc, [rows, d], [d, 1], [block_n, d])
+    vt_desc = TensorDescriptor(vct, [bsz * heads * d, n], [vct.stride(2), 1], [d, block_n])
+    grid = (triton.cdiv(n, block_m), bsz * heads)
+    _attn_fwd_kernel[grid](q_desc, k_desc, vt_desc, sq, sk, sv, o, heads, n, sq.shape[-1], sk.shape[-1],
+                           *o.stride(), sm_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, D=d, CODES=codes,
+                           num_warps=warps, num_stages=stages)
+    return o

@@ -1,0 +1,68 @@
+"""FP8 attention (prototype): how Q, K, V are quantized, and the attention the kernel approximates.
+
+Layout [B, H, N, D] (as F.scaled_dot_product_attention). Dynamic scales, amax / 448, E4M3FN:
+
+- Q: one scale per (batch, head, block of `block_q` consecutive queries);
+- K: one scale per (batch, head, block of `block_k` consecutive keys);
+- V: one scale per (batch, head, channel d): out[:, d] = sum_n P[m, n] V[n, d], so a per-channel
+  scale factors out of the sum; a per-token one would not.
+
+`fp8_attention_ref` is exact attention (float64 softmax, no rounding of P) on the dequantized
+inputs: the kernel, which also rounds P to E4M3 (x 256) and accumulates in float32, is held to an
+error budget against it; the quantization error itself shows against attention on the original
+inputs (`sdpa_ref`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffquant.quantization.numerics.fp8 import FP8_MAX, fp8_cast, scale_from_amax
+
+P_SCALE = 256.0  # the kernel rounds P * 256 to E4M3 (P <= 1: keeps small probabilities out of subnormals)
+
+
+def _block_amax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, N, D] -> amax over each block of `block` rows and all of D: [B, H, ceil(N / block)]."""
+    b, h, n, d = x.shape
+    pad = (-n) % block
+    xa = torch.nn.functional.pad(x.abs().float(), (0, 0, 0, pad))
+    return xa.view(b, h, (n + pad) // block, block * d).amax(dim=-1)
+
+
+def fp8_quantize_rows_blocked(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q or K: [B, H, N, D] -> (codes [B, H, N, D] fp8, scales [B, H, ceil(N / block)] float32)."""
+    scale = scale_from_amax(_block_amax(x, block), FP8_MAX)
+    per_row = scale.repeat_interleave(block, dim=-1)[..., : x.shape[2], None]
+    return fp8_cast(x, per_row), scale
+
+
+def fp8_quantize_channels(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """V: [B, H, N, D] -> (codes [B, H, N, D] fp8, scales [B, H, D] float32)."""
+    scale = scale_from_amax(v.abs().float().amax(dim=2), FP8_MAX)
+    return fp8_cast(v, scale[:, :, None, :]), scale
+
+
+def dequantize_rows_blocked(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    per_row = scale.repeat_interleave(block, dim=-1)[..., : q.shape[2], None]
+    return q.float() * per_row
+
+
+def sdpa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """Exact attention in float64: softmax(q k^T * sm_scale) v, [B, H, N, D]."""
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    s = torch.einsum("bhmd,bhnd->bhmn", q.double(), k.double()) * sm_scale
+    return torch.einsum("bhmn,bhnd->bhmd", s.softmax(dim=-1), v.double())
+
+
+def fp8_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_k: int = 128,
+                      sm_scale: float | None = None) -> torch.Tensor:
+    """What the FP8 kernel computes, without its P rounding: exact attention (float64) on the
+    dequantized Q (per query block), K (per key block) and V (per channel)."""
+    qq, sq = fp8_quantize_rows_blocked(q, block_q)
+    kq, sk = fp8_quantize_rows_blocked(k, block_k)
+    vq, sv = fp8_quantize_channels(v)
+    return sdpa_ref(dequantize_rows_blocked(qq, sq, block_q), dequantize_rows_blocked(kq, sk, block_k),
+                    vq.float() * sv[:, :, None, :], sm_scale)
