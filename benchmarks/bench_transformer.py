@@ -36,6 +36,7 @@ from benchmarks import inductor_tuning  # noqa: E402
 from benchmarks.common import environment, md_table, sqnr_db, time_cuda, write_results  # noqa: E402
 from diffquant.engine.models import keep_patterns  # noqa: E402
 from diffquant.quantization import quantize_  # noqa: E402
+from diffquant.quantization.attention import use_fp8_attention  # noqa: E402
 from diffquant.quantization.kernels import triton_ops  # noqa: E402
 from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
 
@@ -345,12 +346,13 @@ def _knobs(variant: str) -> str:
     mode, compared with "bf16+graph"); "+classic": under compile, int8 GEMMs on the classic kernel
     instead of the TMA one (triton_ops.COMPILED_INT8_KERNEL); "+whole" / "+ro": under compile, the
     whole model through model.compile() in torch.compile's default / "reduce-overhead" mode, as the
-    Engine compiles (no per-block wrapper; first compiles take minutes: see _compile_kind)."""
+    Engine compiles (no per-block wrapper; first compiles take minutes: see _compile_kind); "+fa8":
+    self-attention through the FP8 attention prototype (quantization/attention.py)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "whole", "ro"}
+    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "whole", "ro", "fa8"}
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; "
-                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +graph, +classic, +whole, +ro")
+                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +graph, +classic, +whole, +ro, +fa8")
     if "ro" in opts and ("graph" in opts or "whole" in opts):
         raise ValueError(f"{variant}: +ro is whole-model compile with CUDA-graph trees; it takes no +graph or +whole")
     triton_ops.COMPILED_INT8_KERNEL = "classic" if "classic" in opts else _DEFAULT_INT8_KERNEL
@@ -403,6 +405,17 @@ def run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
         return _run_variant(base, spec, variant, compiled, captured, inputs, reps)
 
 
+@contextlib.contextmanager
+def _attention_for(model, variant: str):
+    """"+fa8": the model's self-attention through FP8 attention while the variant runs."""
+    patch = use_fp8_attention(model) if "fa8" in variant.split("+")[1:] else None
+    try:
+        yield patch
+    finally:
+        if patch is not None:
+            patch.restore()
+
+
 def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     _free_memory()
     mem0 = torch.cuda.memory_allocated()
@@ -410,30 +423,36 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     model = base if variant.partition("+")[0] == "bf16" else copy.deepcopy(base)
     t0 = time.perf_counter()
     row["quantization"] = _quantize_variant(model, _knobs(variant), spec["keep"])
-    torch.cuda.synchronize()
-    row["quantize_s"] = time.perf_counter() - t0
-    row["weights_GB"] = (torch.cuda.memory_allocated() - mem0) / GB if model is not base else (
-        sum(p.numel() * p.element_size() for p in model.parameters()) / GB)
-    quantized = variant.partition("+")[0] != "bf16"
-    if quantized and not compiled:
-        _record_sqnr(row, model, captured)
-    restore = _compile_for(model, spec, variant, compiled)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        model(**inputs)
+    with _attention_for(model, variant) as attention:
         torch.cuda.synchronize()
-        row["first_call_s"] = time.perf_counter() - t0
-        if quantized and compiled and _compile_kind(variant) == "regional":
-            _record_sqnr(row, model, captured)  # through the compiled block graphs (compiled above)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn = _graphed(model, inputs) if row["mode"].endswith("CUDA graph") else (lambda: model(**inputs))
-        t = time_cuda(fn, warmup=4 if "reduce-overhead" in row["mode"] else 2, reps=reps)  # trees record on call 2-3
-        row["activation_peak_GB"] = (torch.cuda.max_memory_allocated() - before) / GB
-    row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], reps=t["reps"])
-    row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
-    if restore is not None:
-        restore()
+        row["quantize_s"] = time.perf_counter() - t0
+        row["weights_GB"] = (torch.cuda.memory_allocated() - mem0) / GB if model is not base else (
+            sum(p.numel() * p.element_size() for p in model.parameters()) / GB)
+        quantized = variant.partition("+")[0] != "bf16" or attention is not None
+        if quantized and not compiled:
+            _record_sqnr(row, model, captured)
+        restore = _compile_for(model, spec, variant, compiled)
+        if attention is not None:
+            attention.fp8_calls = attention.kept_calls = 0  # count the first forward's calls only
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(**inputs)
+            torch.cuda.synchronize()
+            row["first_call_s"] = time.perf_counter() - t0
+            if attention is not None:  # eager calls of the first forward (a traced one counts none)
+                row["quantization"] += f"; FP8 attention: {attention.fp8_calls} calls, {attention.kept_calls} kept"
+            if quantized and compiled and _compile_kind(variant) == "regional":
+                _record_sqnr(row, model, captured)  # through the compiled block graphs (compiled above)
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn = _graphed(model, inputs) if row["mode"].endswith("CUDA graph") else (lambda: model(**inputs))
+            warmup = 4 if "reduce-overhead" in row["mode"] else 2  # CUDA-graph trees record on call 2-3
+            t = time_cuda(fn, warmup=warmup, reps=reps)
+            row["activation_peak_GB"] = (torch.cuda.max_memory_allocated() - before) / GB
+        row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], reps=t["reps"])
+        row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
+        if restore is not None:
+            restore()
     return row
 
 

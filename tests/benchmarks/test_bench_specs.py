@@ -110,7 +110,7 @@ def test_variant_options_parse():
     assert bench._mode("fp8", False) == "eager"
     assert bench._mode("fp8+whole", True) == "compiled (whole model)"
     assert bench._mode("bf16+ro", True) == "compiled (whole model, reduce-overhead)"
-    assert bench._knobs("fp8+ro") == "fp8"
+    assert bench._knobs("fp8+ro") == "fp8" and bench._knobs("fp8+fa8+graph") == "fp8"
     with pytest.raises(ValueError, match=r"variant options \['grpah'\] unknown"):
         bench._knobs("fp8+grpah")
     with pytest.raises(ValueError, match=r"fp8\+ro\+graph: \+ro is whole-model compile"):
@@ -127,3 +127,15 @@ def test_whole_model_compile_variants_wrap_and_restore():
         restore()
         assert model._compiled_call_impl is None
     assert bench._compile_for(model, spec, "fp8+whole", compiled=False) is None
+
+
+def test_fa8_variant_patches_attention_while_it_runs():
+    spec = bench.SPECS["flux1-dev"](**TINY["flux1-dev"])
+    model = spec["build"]()
+    module = __import__(type(model).__module__, fromlist=["dispatch_attention_fn"])
+    original = module.dispatch_attention_fn
+    with bench._attention_for(model, "fp8+fa8") as patch:
+        assert patch is not None and module.dispatch_attention_fn is not original
+    assert module.dispatch_attention_fn is original
+    with bench._attention_for(model, "fp8") as patch:
+        assert patch is None

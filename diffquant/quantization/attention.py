@@ -1,0 +1,93 @@
+"""Runtime FP8 attention for DiT self-attention (prototype: reached from the benchmarks, not yet an
+Engine option; its GPU kernel has not run on a GPU yet).
+
+`use_fp8_attention(model)` routes the diffusers transformer's attention calls
+(`dispatch_attention_fn` in the model class's module: FLUX, Qwen-Image, Wan2.2, Z-Image, ...) to
+`diffquant::fp8_attention` when a call is plain self-attention of equal-length q / k / v (no mask,
+no dropout, not causal, head dim 64 or 128, no context parallelism); every other call keeps the
+original backend and is counted as kept. The numerics are numerics/attention.py; on CUDA the
+Triton kernel (kernels/triton_attention.py), elsewhere the reference (float32 SDPA on the
+dequantized inputs).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from diffquant.quantization.numerics import attention as na
+
+HEAD_DIMS = (64, 128)
+
+
+@torch.library.custom_op("diffquant::fp8_attention", mutates_args=())
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, H, N, D] q, k, v (any strides) -> [B, H, N, D] in q's dtype."""
+    if q.is_cuda:
+        from diffquant.quantization.kernels import triton_attention
+
+        return triton_attention.fp8_attention(q, k, v, sm_scale=scale)
+    qq, sq = na.fp8_quantize_rows_blocked(q, 128)
+    kq, sk = na.fp8_quantize_rows_blocked(k, 128)
+    vq, sv = na.fp8_quantize_channels(v)
+    qd, kd = na.dequantize_rows_blocked(qq, sq, 128), na.dequantize_rows_blocked(kq, sk, 128)
+    out = F.scaled_dot_product_attention(qd, kd, vq.float() * sv[:, :, None, :], scale=scale)
+    return out.to(q.dtype)
+
+
+@fp8_attention.register_fake
+def _(q, k, v, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@dataclass
+class AttentionPatch:
+    """What `use_fp8_attention` changed and how many calls went where (eager calls only)."""
+
+    module: str
+    fp8_calls: int = 0
+    kept_calls: int = 0
+
+    def restore(self) -> None:
+        mod = sys.modules[self.module]
+        mod.dispatch_attention_fn = mod.dispatch_attention_fn.__wrapped__
+
+
+def _eligible(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config) -> bool:
+    return (attn_mask is None and dropout_p == 0.0 and not is_causal and not enable_gqa and parallel_config is None
+            and query.shape == key.shape == value.shape and query.shape[-1] in HEAD_DIMS)
+
+
+def use_fp8_attention(model: torch.nn.Module) -> AttentionPatch:
+    """Route `model`'s self-attention to FP8 attention (see the module docstring); returns the
+    patch (`.restore()` undoes it). Raises ValueError when the model's module has no
+    `dispatch_attention_fn` (not a diffusers DiT of this generation)."""
+    name = type(model).__module__
+    mod = sys.modules.get(name)
+    original = getattr(mod, "dispatch_attention_fn", None)
+    if original is None:
+        raise ValueError(f"use_fp8_attention: {type(model).__name__} ({name}) does not call diffusers' "
+                         "dispatch_attention_fn; FP8 attention supports diffusers DiTs that do (FLUX, Qwen-Image, "
+                         "Wan2.2, Z-Image, ...)")
+    patch = AttentionPatch(name)
+
+    def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                 attention_kwargs=None, *, backend=None, parallel_config=None):
+        if not _eligible(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config):
+            if not torch.compiler.is_compiling():
+                patch.kept_calls += 1
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
+                            backend=backend, parallel_config=parallel_config)
+        if not torch.compiler.is_compiling():
+            patch.fp8_calls += 1
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # diffusers passes [B, S, H, D]
+        sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return torch.ops.diffquant.fp8_attention(q, k, v, sm_scale).permute(0, 2, 1, 3)
+
+    dispatch.__wrapped__ = original
+    mod.dispatch_attention_fn = dispatch
+    return patch
