@@ -26,7 +26,7 @@ HEAD_DIMS = (64, 128)
 
 @torch.library.custom_op("diffquant::fp8_attention", mutates_args=())
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """[B, H, N, D] q, k, v (any strides) -> [B, H, N, D] in q's dtype."""
+    """[B, H, N, D] q, k, v (any strides) -> contiguous [B, H, N, D] in q's dtype."""
     if q.is_cuda:
         from diffquant.quantization.kernels import triton_attention
 
@@ -36,7 +36,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     vq, sv = na.fp8_quantize_channels(v)
     qd, kd = na.dequantize_rows_blocked(qq, sq, 128), na.dequantize_rows_blocked(kq, sk, 128)
     out = F.scaled_dot_product_attention(qd, kd, vq.float() * sv[:, :, None, :], scale=scale)
-    return out.to(q.dtype)
+    return out.to(q.dtype).contiguous()
 
 
 @fp8_attention.register_fake

@@ -106,3 +106,10 @@ def test_use_fp8_attention_needs_a_diffusers_dit():
 
     with pytest.raises(ValueError, match="does not call diffusers' dispatch_attention_fn"):
         use_fp8_attention(torch.nn.Linear(4, 4))
+
+
+def test_fp8_attention_op_passes_opcheck(rng):
+    import diffquant.quantization.attention  # noqa: F401 - registers diffquant::fp8_attention
+
+    q, k, v = (x.permute(0, 2, 1, 3) for x in _qkv(1, 40, 2, 64, rng))  # [B, S, H, D] storage, as diffusers passes it
+    torch.library.opcheck(torch.ops.diffquant.fp8_attention.default, (q, k, v, 0.125))

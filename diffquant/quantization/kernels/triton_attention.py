@@ -168,7 +168,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: f
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     qc, sq, kc, sk, vct, sv = quantize_qkv(q, k, v, block_m, block_n, codes)
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous, as the custom op's fake says
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     rows = bsz * heads * n
     q_desc = TensorDescriptor(qc, [rows, d], [d, 1], [block_m, d])
