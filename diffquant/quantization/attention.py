@@ -4,10 +4,10 @@ Engine option; its GPU kernel has not run on a GPU yet).
 `use_fp8_attention(model)` routes the diffusers transformer's attention calls
 (`dispatch_attention_fn` in the model class's module: FLUX, Qwen-Image, Wan2.2, Z-Image, ...) to
 `diffquant::fp8_attention` when a call is plain self-attention of equal-length q / k / v (no mask,
-no dropout, not causal, head dim 64 or 128, no context parallelism); every other call keeps the
+no dropout, not causal, no context parallelism; on CUDA head dim 64 or 128); every other call keeps the
 original backend and is counted as kept. The numerics are numerics/attention.py; on CUDA the
-Triton kernel (kernels/triton_attention.py), elsewhere the reference (float32 SDPA on the
-dequantized inputs).
+Triton kernel (kernels/triton_attention.py), elsewhere its float32 emulation
+(`fp8_attention_emulated`: the same blocks, P rounding and online softmax).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from diffquant.quantization.numerics import attention as na
 
@@ -31,12 +30,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         from diffquant.quantization.kernels import triton_attention
 
         return triton_attention.fp8_attention(q, k, v, sm_scale=scale)
-    qq, sq = na.fp8_quantize_rows_blocked(q, 128)
-    kq, sk = na.fp8_quantize_rows_blocked(k, 128)
-    vq, sv = na.fp8_quantize_channels(v)
-    qd, kd = na.dequantize_rows_blocked(qq, sq, 128), na.dequantize_rows_blocked(kq, sk, 128)
-    out = F.scaled_dot_product_attention(qd, kd, vq.float() * sv[:, :, None, :], scale=scale)
-    return out.to(q.dtype).contiguous()
+    return na.fp8_attention_emulated(q, k, v, sm_scale=scale).to(q.dtype)
 
 
 @fp8_attention.register_fake
@@ -58,8 +52,10 @@ class AttentionPatch:
 
 
 def _eligible(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config) -> bool:
+    """Plain self-attention of equal shapes; on CUDA also a head dim the kernel has (the CPU
+    reference takes any)."""
     return (attn_mask is None and dropout_p == 0.0 and not is_causal and not enable_gqa and parallel_config is None
-            and query.shape == key.shape == value.shape and query.shape[-1] in HEAD_DIMS)
+            and query.shape == key.shape == value.shape and (query.shape[-1] in HEAD_DIMS or not query.is_cuda))
 
 
 def use_fp8_attention(model: torch.nn.Module) -> AttentionPatch:

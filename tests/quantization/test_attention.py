@@ -81,7 +81,7 @@ def test_fp8_attention_rejects_unsupported_shapes():
 
 
 def test_use_fp8_attention_routes_self_attention_and_restores():
-    """Tiny FLUX (head dim 64): all 4 attention calls go to the FP8 op (CPU: the reference), the
+    """Tiny FLUX (head dim 64): all 4 attention calls go to the FP8 op (CPU: the kernel's emulation), the
     output stays near bf16's (random weights: 4 blocks of quantized attention), restore() undoes it."""
     from diffquant.demo import flux_inputs, tiny_flux
     from diffquant.quantization.attention import use_fp8_attention
@@ -93,7 +93,7 @@ def test_use_fp8_attention_routes_self_attention_and_restores():
         patch = use_fp8_attention(model)
         out = model(**inputs)[0]
         assert (patch.fp8_calls, patch.kept_calls) == (4, 0)
-        assert sqnr_db(ref.double().flatten(), out.double().flatten()) > 40  # measured 49.8-51.2 dB, seeds 0-3
+        assert sqnr_db(ref.double().flatten(), out.double().flatten()) > 40  # measured 49.4-50.7 dB, seeds 0-3
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(**inputs)[0], out, rtol=0, atol=0)
@@ -113,3 +113,45 @@ def test_fp8_attention_op_passes_opcheck(rng):
 
     q, k, v = (x.permute(0, 2, 1, 3) for x in _qkv(1, 40, 2, 64, rng))  # [B, S, H, D] storage, as diffusers passes it
     torch.library.opcheck(torch.ops.diffquant.fp8_attention.default, (q, k, v, 0.125))
+
+
+def test_kernel_emulation_within_budget_of_spec(rng):
+    """The kernel's arithmetic (float32, P * 256 in E4M3) against exact attention on the same
+    dequantized inputs: measured 32.3 dB (scale 1) and 46.1 dB (scale 3) on random inputs."""
+    q, k, v = _qkv(1, 2, 1000, 128, rng)
+    emulated = na.fp8_attention_emulated(q, k, v)
+    assert sqnr_db(na.fp8_attention_ref(q, k, v).flatten(), emulated.double().flatten()) >= 28.0
+
+
+def test_embedded_model_keeps_its_picture_with_fp8_attention():
+    """The embedded trained model, fp8 linears plus FP8 attention (the kernel's emulation): PSNR
+    against bf16 stays above compare's stricter threshold (25 dB; measured 29.1-43.1 over three
+    prompts and two seeds, benchmarks/results/eval_fp8_attention_cpu.md)."""
+    from diffquant import Engine, SamplingParams
+    from diffquant.quantization.attention import use_fp8_attention
+    from diffquant.quantization.metrics import psnr_db
+
+    prompt, params = "a large red circle in the center on a white background", SamplingParams(seed=0)
+    ref = Engine(model=None, device="cpu").generate(prompt, params).images[0]
+    engine = Engine(model=None, quantization="fp8", device="cpu")
+    patch = use_fp8_attention(engine.pipe.transformer)
+    try:
+        out = engine.generate(prompt, params).images[0]
+    finally:
+        patch.restore()
+    assert patch.fp8_calls == 48 and patch.kept_calls == 0  # 8 steps x 6 blocks
+    pixels = [torch.tensor(list(im.getdata()), dtype=torch.float64) for im in (ref, out)]
+    assert psnr_db(*pixels) >= 25.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [300, 4608])
+def test_fp8_attention_kernel_matches_its_emulation(n, rng):
+    """Kernel vs its float32 emulation: the same blocks, scales and P rounding; they differ by
+    ex2.approx against exp2, summation order and the P codes that land on a rounding boundary."""
+    require_cuda((9, 0))
+    from diffquant.quantization.kernels import triton_attention as ta
+
+    q, k, v = _qkv(1, 2, n, 128, rng, "cuda")
+    out = ta.fp8_attention(q, k, v)
+    assert sqnr_db(na.fp8_attention_emulated(q, k, v).double().flatten(), out.double().flatten()) >= 40.0

@@ -10,7 +10,9 @@ Layout [B, H, N, D] (as F.scaled_dot_product_attention). Dynamic scales, amax / 
 `fp8_attention_ref` is exact attention (float64 softmax, no rounding of P) on the dequantized
 inputs: the kernel, which also rounds P to E4M3 (x 256) and accumulates in float32, is held to an
 error budget against it; the quantization error itself shows against attention on the original
-inputs (`sdpa_ref`).
+inputs (`sdpa_ref`). `fp8_attention_emulated` follows the kernel's arithmetic block by block
+(online softmax in base 2, P * 256 rounded to E4M3, float32 accumulation): the CPU path of
+`diffquant::fp8_attention`, so CPU runs show the kernel's quality.
 """
 
 from __future__ import annotations
@@ -66,3 +68,30 @@ def fp8_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q
     vq, sv = fp8_quantize_channels(v)
     return sdpa_ref(dequantize_rows_blocked(qq, sq, block_q), dequantize_rows_blocked(kq, sk, block_k),
                     vq.float() * sv[:, :, None, :], sm_scale)
+
+
+def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_k: int = 128,
+                           sm_scale: float | None = None) -> torch.Tensor:
+    """The FP8 kernel's arithmetic in float32 (kernels/triton_attention.py), [B, H, N, D] -> float32."""
+    qq, sq = fp8_quantize_rows_blocked(q, block_q)
+    kq, sk = fp8_quantize_rows_blocked(k, block_k)
+    vq, sv = fp8_quantize_channels(v)
+    n = q.shape[2]
+    qk_scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * math.log2(math.e)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for m0 in range(0, n, block_q):
+        qb, m_i = qq[:, :, m0:m0 + block_q].float(), None
+        for n0 in range(0, n, block_k):
+            qk = qb @ kq[:, :, n0:n0 + block_k].float().transpose(-1, -2)
+            sc = (sq[:, :, m0 // block_q] * qk_scale * sk[:, :, n0 // block_k])[..., None, None]
+            m_new = (qk.amax(dim=-1) * sc[..., 0]) if m_i is None else torch.maximum(m_i, qk.amax(dim=-1) * sc[..., 0])
+            p = torch.exp2(qk * sc - (m_new - 8.0)[..., None])  # 256 * exp2(s - m)
+            pv = p.to(torch.float8_e4m3fn).float() @ vq[:, :, n0:n0 + block_k].float()
+            if m_i is None:
+                l_i, acc = p.sum(dim=-1), pv
+            else:
+                alpha = torch.exp2(m_i - m_new)
+                l_i, acc = l_i * alpha + p.sum(dim=-1), acc * alpha[..., None] + pv
+            m_i = m_new
+        out[:, :, m0:m0 + block_q] = acc * sv[:, :, None, :] / l_i[..., None]
+    return out
