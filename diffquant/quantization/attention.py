@@ -3,8 +3,9 @@ Engine option; its GPU kernel has not run on a GPU yet).
 
 `use_fp8_attention(model)` routes the diffusers transformer's attention calls
 (`dispatch_attention_fn` in the model class's module: FLUX, Qwen-Image, Wan2.2, Z-Image, ...) to
-`diffquant::fp8_attention` when a call is plain self-attention of equal-length q / k / v (no mask,
-no dropout, not causal, no context parallelism; on CUDA head dim 64 or 128); every other call keeps the
+`diffquant::fp8_attention` when a call is plain self-attention of equal-length q / k / v (no mask
+or a boolean key-padding mask, no dropout, not causal, no context parallelism; on CUDA head dim 64
+or 128); every other call keeps the
 original backend and is counted as kept. The numerics are numerics/attention.py; on CUDA the
 Triton kernel (kernels/triton_attention.py), elsewhere its float32 emulation
 (`fp8_attention_emulated`: the same blocks, P rounding and online softmax).
@@ -24,17 +25,19 @@ HEAD_DIMS = (64, 128)
 
 
 @torch.library.custom_op("diffquant::fp8_attention", mutates_args=())
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """[B, H, N, D] q, k, v (any strides) -> contiguous [B, H, N, D] in q's dtype."""
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, N, D] q, k, v (any strides), key_mask [B, N] bool (False: a padded key) -> contiguous
+    [B, H, N, D] in q's dtype."""
     if q.is_cuda:
         from diffquant.quantization.kernels import triton_attention
 
-        return triton_attention.fp8_attention(q, k, v, sm_scale=scale)
-    return na.fp8_attention_emulated(q, k, v, sm_scale=scale).to(q.dtype)
+        return triton_attention.fp8_attention(q, k, v, sm_scale=scale, key_mask=key_mask)
+    return na.fp8_attention_emulated(q, k, v, sm_scale=scale, key_mask=key_mask).to(q.dtype)
 
 
 @fp8_attention.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, key_mask=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -51,10 +54,20 @@ class AttentionPatch:
         mod.dispatch_attention_fn = mod.dispatch_attention_fn.__wrapped__
 
 
-def _eligible(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config) -> bool:
+def _key_mask(attn_mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None | bool:
+    """A boolean key-padding mask ([B, N] or [B, 1, 1, N], as Qwen-Image passes) as [B, N]; None
+    for no mask; False for any other mask (not supported: the call keeps its backend)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool and attn_mask.shape in ((batch, keys), (batch, 1, 1, keys)):
+        return attn_mask.reshape(batch, keys)
+    return False
+
+
+def _eligible(query, key, value, dropout_p, is_causal, enable_gqa, parallel_config) -> bool:
     """Plain self-attention of equal shapes; on CUDA also a head dim the kernel has (the CPU
-    reference takes any)."""
-    return (attn_mask is None and dropout_p == 0.0 and not is_causal and not enable_gqa and parallel_config is None
+    emulation takes any)."""
+    return (dropout_p == 0.0 and not is_causal and not enable_gqa and parallel_config is None
             and query.shape == key.shape == value.shape and (query.shape[-1] in HEAD_DIMS or not query.is_cuda))
 
 
@@ -73,7 +86,8 @@ def use_fp8_attention(model: torch.nn.Module) -> AttentionPatch:
 
     def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                  attention_kwargs=None, *, backend=None, parallel_config=None):
-        if not _eligible(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config):
+        key_mask = _key_mask(attn_mask, query.shape[0], key.shape[1])
+        if key_mask is False or not _eligible(query, key, value, dropout_p, is_causal, enable_gqa, parallel_config):
             if not torch.compiler.is_compiling():
                 patch.kept_calls += 1
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
@@ -82,7 +96,7 @@ def use_fp8_attention(model: torch.nn.Module) -> AttentionPatch:
             patch.fp8_calls += 1
         q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # diffusers passes [B, S, H, D]
         sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        return torch.ops.diffquant.fp8_attention(q, k, v, sm_scale).permute(0, 2, 1, 3)
+        return torch.ops.diffquant.fp8_attention(q, k, v, sm_scale, key_mask).permute(0, 2, 1, 3)
 
     dispatch.__wrapped__ = original
     mod.dispatch_attention_fn = dispatch

@@ -33,6 +33,16 @@ def test_spec_quantizers_roundtrip_and_scales(rng):
     assert sqnr_db(q.double().flatten(), back.double().flatten()) > 28  # E4M3: ~31 dB on gaussians
 
 
+def test_key_padding_mask_in_spec_and_emulation(rng):
+    q, k, v = _qkv(2, 2, 260, 64, rng)
+    km = torch.rand(2, 260, generator=rng) > 0.3
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=km[:, None, None, :])
+    torch.testing.assert_close(na.sdpa_ref(q, k, v, key_mask=km), want)
+    emulated = na.fp8_attention_emulated(q, k, v, key_mask=km)
+    assert sqnr_db(na.fp8_attention_ref(q, k, v, key_mask=km).flatten(), emulated.double().flatten()) >= 28.0
+    assert sqnr_db(na.fp8_attention_ref(q, k, v).flatten(), emulated.double().flatten()) < 20  # the mask acts
+
+
 def test_spec_attention_matches_sdpa_within_quantization_error(rng):
     q, k, v = _qkv(1, 2, 300, 64, rng)
     exact = na.sdpa_ref(q, k, v)
@@ -113,6 +123,7 @@ def test_fp8_attention_op_passes_opcheck(rng):
 
     q, k, v = (x.permute(0, 2, 1, 3) for x in _qkv(1, 40, 2, 64, rng))  # [B, S, H, D] storage, as diffusers passes it
     torch.library.opcheck(torch.ops.diffquant.fp8_attention.default, (q, k, v, 0.125))
+    torch.library.opcheck(torch.ops.diffquant.fp8_attention.default, (q, k, v, 0.125, torch.rand(1, 40) > 0.5))
 
 
 def test_kernel_emulation_within_budget_of_spec(rng):
@@ -155,3 +166,6 @@ def test_fp8_attention_kernel_matches_its_emulation(n, rng):
     q, k, v = _qkv(1, 2, n, 128, rng, "cuda")
     out = ta.fp8_attention(q, k, v)
     assert sqnr_db(na.fp8_attention_emulated(q, k, v).double().flatten(), out.double().flatten()) >= 40.0
+    km = torch.rand(1, n, device="cuda") > 0.2  # a key-padding mask (Qwen-Image passes one)
+    out = ta.fp8_attention(q, k, v, key_mask=km)
+    assert sqnr_db(na.fp8_attention_emulated(q, k, v, key_mask=km).double().flatten(), out.double().flatten()) >= 40.0

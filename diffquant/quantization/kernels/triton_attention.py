@@ -6,7 +6,7 @@ K-major layout Hopper's FP8 wgmma wants for the P @ V operand), then runs a Flas
 forward with both matmuls on FP8 tensor cores and its tiles loaded through TMA descriptors:
 S = (Qq Kq^T) * sq * sk * sm_scale * log2(e) in float32, online softmax in base 2, P * 256
 rounded to E4M3 (the 256 folded into the exponent), O += Pq Vq, and at the end O * sv / l.
-Non-causal, no mask (DiT self-attention).
+Non-causal; an optional key-padding mask (DiT self-attention, text padding).
 
 CODES=False (the CPU interpreter, which has no reliable FP8 casts) keeps every "code" in float32:
 the same control flow without rounding, for logic tests only.
@@ -95,13 +95,15 @@ def _quant_v_kernel(x_ptr, amax_ptr, ct_ptr, s_ptr, H, N, SCT, sxb, sxh, sxn, sx
 
 
 @triton.jit
-def _attn_fwd_kernel(q_desc, k_desc, vt_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, H, N, NBQ, NBK,
+def _attn_fwd_kernel(q_desc, k_desc, vt_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, km_ptr, H, N, NBQ, NBK,
                      sob, soh, son, sod, qk_scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr,
+                     HAS_KMASK: tl.constexpr):
     """One BLOCK_M query block of one (batch, head); qk_scale = sm_scale * log2(e). Q and K codes
     are read through TMA descriptors over [B * H * N, D] (a tile past this head's N reads the next
     head's rows: those keys are masked to -inf, those queries are not stored), V's transposed codes
-    through one over [B * H * D, N] (columns past N are zero-filled)."""
+    through one over [B * H * D, N] (columns past N are zero-filled). HAS_KMASK: km[b, n] == 0
+    masks key n of batch b (a key-padding mask)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,7 +118,10 @@ def _attn_fwd_kernel(q_desc, k_desc, vt_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, H, 
         k = k_desc.load([bh * N + start, 0])
         qk = tl.dot(q, tl.trans(k))
         sc = q_scale * tl.load(sk_ptr + bh * NBK + start // BLOCK_N)  # > 0
-        if start + BLOCK_N > N:  # the last, partial block (a uniform branch)
+        if HAS_KMASK:
+            keep = tl.load(km_ptr + b.to(tl.int64) * N + start + offs_n, mask=start + offs_n < N, other=0) != 0
+            qk = tl.where(keep[None, :], qk, float("-inf"))
+        elif start + BLOCK_N > N:  # the last, partial block (a uniform branch)
             qk = tl.where((start + offs_n < N)[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sc)
         p = tl.math.exp2(qk * sc - (m_new - 8.0)[:, None])  # 256 * exp2(s - m_new): one fma + ex2
@@ -157,10 +162,11 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
-                  block_m: int = 128, block_n: int = 128, warps: int = 8, stages: int = 3,
-                  codes: bool = True) -> torch.Tensor:
-    """Attention of [B, H, N, D] q, k, v (same shape; non-causal, no mask) on FP8 tensor cores; out
-    in q's dtype, [B, H, N, D]. block_m / block_n are also Q's / K's quantization blocks."""
+                  key_mask: torch.Tensor | None = None, block_m: int = 128, block_n: int = 128, warps: int = 8,
+                  stages: int = 3, codes: bool = True) -> torch.Tensor:
+    """Attention of [B, H, N, D] q, k, v (same shape; non-causal) on FP8 tensor cores; out in q's
+    dtype, contiguous [B, H, N, D]. key_mask: [B, N] bool, False = a padded key nobody attends to.
+    block_m / block_n are also Q's / K's quantization blocks."""
     bsz, heads, n, d = q.shape
     if k.shape != q.shape or v.shape != q.shape or d not in (64, 128):
         raise ValueError(f"fp8_attention: q, k, v must share a [B, H, N, D] shape with D 64 or 128; got "
@@ -175,7 +181,8 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: f
     k_desc = TensorDescriptor(kc, [rows, d], [d, 1], [block_n, d])
     vt_desc = TensorDescriptor(vct, [bsz * heads * d, n], [vct.stride(2), 1], [d, block_n])
     grid = (triton.cdiv(n, block_m), bsz * heads)
-    _attn_fwd_kernel[grid](q_desc, k_desc, vt_desc, sq, sk, sv, o, heads, n, sq.shape[-1], sk.shape[-1],
+    km = key_mask.to(torch.uint8).contiguous() if key_mask is not None else sq  # sq: any pointer, never read
+    _attn_fwd_kernel[grid](q_desc, k_desc, vt_desc, sq, sk, sv, o, km, heads, n, sq.shape[-1], sk.shape[-1],
                            *o.stride(), sm_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, D=d, CODES=codes,
-                           num_warps=warps, num_stages=stages)
+                           HAS_KMASK=key_mask is not None, num_warps=warps, num_stages=stages)
     return o

@@ -52,26 +52,32 @@ def dequantize_rows_blocked(q: torch.Tensor, scale: torch.Tensor, block: int) ->
     return q.float() * per_row
 
 
-def sdpa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
-    """Exact attention in float64: softmax(q k^T * sm_scale) v, [B, H, N, D]."""
+def _masked(s: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Scores [B, H, M, N] with keys where key_mask [B, N] is False set to -inf."""
+    return s if key_mask is None else s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+
+
+def sdpa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
+             key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention in float64: softmax(q k^T * sm_scale) v, [B, H, N, D]; key_mask [B, N] bool."""
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    s = torch.einsum("bhmd,bhnd->bhmn", q.double(), k.double()) * sm_scale
+    s = _masked(torch.einsum("bhmd,bhnd->bhmn", q.double(), k.double()) * sm_scale, key_mask)
     return torch.einsum("bhmn,bhnd->bhmd", s.softmax(dim=-1), v.double())
 
 
 def fp8_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_k: int = 128,
-                      sm_scale: float | None = None) -> torch.Tensor:
+                      sm_scale: float | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """What the FP8 kernel computes, without its P rounding: exact attention (float64) on the
     dequantized Q (per query block), K (per key block) and V (per channel)."""
     qq, sq = fp8_quantize_rows_blocked(q, block_q)
     kq, sk = fp8_quantize_rows_blocked(k, block_k)
     vq, sv = fp8_quantize_channels(v)
     return sdpa_ref(dequantize_rows_blocked(qq, sq, block_q), dequantize_rows_blocked(kq, sk, block_k),
-                    vq.float() * sv[:, :, None, :], sm_scale)
+                    vq.float() * sv[:, :, None, :], sm_scale, key_mask)
 
 
 def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_k: int = 128,
-                           sm_scale: float | None = None) -> torch.Tensor:
+                           sm_scale: float | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The FP8 kernel's arithmetic in float32 (kernels/triton_attention.py), [B, H, N, D] -> float32."""
     qq, sq = fp8_quantize_rows_blocked(q, block_q)
     kq, sk = fp8_quantize_rows_blocked(k, block_k)
@@ -83,6 +89,7 @@ def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         qb, m_i = qq[:, :, m0:m0 + block_q].float(), None
         for n0 in range(0, n, block_k):
             qk = qb @ kq[:, :, n0:n0 + block_k].float().transpose(-1, -2)
+            qk = _masked(qk, None if key_mask is None else key_mask[:, n0:n0 + block_k])
             sc = (sq[:, :, m0 // block_q] * qk_scale * sk[:, :, n0 // block_k])[..., None, None]
             m_new = (qk.amax(dim=-1) * sc[..., 0]) if m_i is None else torch.maximum(m_i, qk.amax(dim=-1) * sc[..., 0])
             p = torch.exp2(qk * sc - (m_new - 8.0)[..., None])  # 256 * exp2(s - m)
