@@ -1,8 +1,8 @@
 """Runtime FP8 attention for DiT self-attention (prototype: reached from the benchmarks, not yet an
 Engine option; its GPU kernel has not run on a GPU yet).
 
-`use_fp8_attention(model)` routes the diffusers transformer's attention calls
-(`dispatch_attention_fn` in the model class's module: FLUX, Qwen-Image, Wan2.2, Z-Image, ...) to
+`use_fp8_attention(model)` routes the attention calls of one diffusers transformer instance
+(its processors' calls of `dispatch_attention_fn`: FLUX, Qwen-Image, Wan2.2, Z-Image, ...) to
 `diffquant::fp8_attention` when a call is plain self-attention of equal-length q / k / v (no mask
 or a boolean key-padding mask, no dropout, not causal, no context parallelism; on CUDA head dim 64
 or 128); every other call keeps the
@@ -14,8 +14,8 @@ Triton kernel (kernels/triton_attention.py), elsewhere its float32 emulation
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,15 +43,17 @@ def _(q, k, v, scale, key_mask=None):
 
 @dataclass
 class AttentionPatch:
-    """What `use_fp8_attention` changed and how many calls went where (eager calls only)."""
+    """What `use_fp8_attention` changed (attention processors, by their original class) and how
+    many attention calls went where (eager calls only: a traced call is not counted)."""
 
-    module: str
+    processors: list = field(default_factory=list)
     fp8_calls: int = 0
     kept_calls: int = 0
 
     def restore(self) -> None:
-        mod = sys.modules[self.module]
-        mod.dispatch_attention_fn = mod.dispatch_attention_fn.__wrapped__
+        for proc, cls in self.processors:
+            proc.__class__ = cls
+        self.processors = []
 
 
 def _key_mask(attn_mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None | bool:
@@ -71,18 +73,8 @@ def _eligible(query, key, value, dropout_p, is_causal, enable_gqa, parallel_conf
             and query.shape == key.shape == value.shape and (query.shape[-1] in HEAD_DIMS or not query.is_cuda))
 
 
-def use_fp8_attention(model: torch.nn.Module) -> AttentionPatch:
-    """Route `model`'s self-attention to FP8 attention (see the module docstring); returns the
-    patch (`.restore()` undoes it). Raises ValueError when the model's module has no
-    `dispatch_attention_fn` (not a diffusers DiT of this generation)."""
-    name = type(model).__module__
-    mod = sys.modules.get(name)
-    original = getattr(mod, "dispatch_attention_fn", None)
-    if original is None:
-        raise ValueError(f"use_fp8_attention: {type(model).__name__} ({name}) does not call diffusers' "
-                         "dispatch_attention_fn; FP8 attention supports diffusers DiTs that do (FLUX, Qwen-Image, "
-                         "Wan2.2, Z-Image, ...)")
-    patch = AttentionPatch(name)
+def _fp8_dispatch(original, patch: AttentionPatch):
+    """A `dispatch_attention_fn` that sends eligible calls to FP8 attention and the rest to `original`."""
 
     def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                  attention_kwargs=None, *, backend=None, parallel_config=None):
@@ -98,6 +90,44 @@ def use_fp8_attention(model: torch.nn.Module) -> AttentionPatch:
         sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         return torch.ops.diffquant.fp8_attention(q, k, v, sm_scale, key_mask).permute(0, 2, 1, 3)
 
-    dispatch.__wrapped__ = original
-    mod.dispatch_attention_fn = dispatch
+    return dispatch
+
+
+def _fp8_processor_class(cls: type, patch: AttentionPatch) -> type:
+    """A subclass of the processor class whose __call__ is the same code with `dispatch_attention_fn`
+    bound to `_fp8_dispatch` (a copy of the function with its own globals): this processor
+    instance changes, no module-level function does, so other models of the class are untouched."""
+    call = cls.__call__
+    env = dict(call.__globals__)
+    env["dispatch_attention_fn"] = _fp8_dispatch(call.__globals__["dispatch_attention_fn"], patch)
+    new_call = types.FunctionType(call.__code__, env, call.__name__, call.__defaults__, call.__closure__)
+    new_call.__kwdefaults__ = call.__kwdefaults__
+    return type(f"FP8{cls.__name__}", (cls,), {"__call__": new_call, "__module__": cls.__module__})
+
+
+def _uses_dispatch(proc) -> bool:
+    code = getattr(type(proc).__call__, "__code__", None)
+    return code is not None and "dispatch_attention_fn" in code.co_names
+
+
+def use_fp8_attention(model: torch.nn.Module) -> AttentionPatch:
+    """Route `model`'s self-attention to FP8 attention (see the module docstring): each attention
+    processor that calls diffusers' `dispatch_attention_fn` gets a subclass calling ours instead.
+    Returns the patch (`.restore()` undoes it). ValueError when no processor does (not a diffusers
+    DiT of this generation)."""
+    patch = AttentionPatch()
+    classes: dict[type, type] = {}
+    for module in model.modules():
+        proc = getattr(module, "processor", None)
+        if proc is None or not _uses_dispatch(proc):
+            continue
+        cls = type(proc)
+        if cls not in classes:
+            classes[cls] = _fp8_processor_class(cls, patch)
+        patch.processors.append((proc, cls))
+        proc.__class__ = classes[cls]
+    if not patch.processors:
+        raise ValueError(f"use_fp8_attention: {type(model).__name__} has no attention processor that calls "
+                         "diffusers' dispatch_attention_fn; FP8 attention supports diffusers DiTs that do (FLUX, "
+                         "Qwen-Image, Wan2.2, Z-Image, ...)")
     return patch

@@ -132,10 +132,13 @@ def test_whole_model_compile_variants_wrap_and_restore():
 def test_fa8_variant_patches_attention_while_it_runs():
     spec = bench.SPECS["flux1-dev"](**TINY["flux1-dev"])
     model = spec["build"]()
-    module = __import__(type(model).__module__, fromlist=["dispatch_attention_fn"])
-    original = module.dispatch_attention_fn
+
+    def processors():
+        return {type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")}
+
+    original = processors()
     with bench._attention_for(model, "fp8+fa8") as patch:
-        assert patch is not None and module.dispatch_attention_fn is not original
-    assert module.dispatch_attention_fn is original
+        assert patch is not None and processors() == {"FP8" + name for name in original}
+    assert processors() == original
     with bench._attention_for(model, "fp8") as patch:
         assert patch is None

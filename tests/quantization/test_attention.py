@@ -107,6 +107,8 @@ def test_use_fp8_attention_routes_self_attention_and_restores():
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(**inputs)[0], out, rtol=0, atol=0)
+        other = tiny_flux(seed=1)  # another instance of the class: untouched by the patch
+        assert not any(type(m.processor).__name__.startswith("FP8") for m in other.modules() if hasattr(m, "processor"))
         patch.restore()
         torch.testing.assert_close(model(**inputs)[0], ref, rtol=0, atol=0)
 
@@ -114,7 +116,7 @@ def test_use_fp8_attention_routes_self_attention_and_restores():
 def test_use_fp8_attention_needs_a_diffusers_dit():
     from diffquant.quantization.attention import use_fp8_attention
 
-    with pytest.raises(ValueError, match="does not call diffusers' dispatch_attention_fn"):
+    with pytest.raises(ValueError, match="has no attention processor that calls diffusers' dispatch_attention_fn"):
         use_fp8_attention(torch.nn.Linear(4, 4))
 
 
