@@ -89,7 +89,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _no_loading_bars()
     start = time.perf_counter()
     engine = Engine(model=args.model, quantization=quantization, quantization_config=config,
-                    device=args.device, compile=args.compile)
+                    device=args.device, compile=args.compile, attention_quantization=args.attention_quantization)
     for hint in engine.hints():
         print(f"diffquant: note: {hint}", file=sys.stderr)
     params = SamplingParams(num_inference_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg,
@@ -98,7 +98,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out = engine.generate(prompt, params, progress=not args.quiet)
     output = args.output or ("output.gif" if out.frames is not None else "output.png")
     saved = out.save(output)
-    print(generation_summary(engine.reports, out, time.perf_counter() - start, saved))
+    line = generation_summary(engine.reports, out, time.perf_counter() - start, saved)
+    for name, patch in engine.attention.items():  # FP8 attention: how many attention calls took it
+        line += f"; FP8 attention in {name}: {patch.fp8_calls} of {patch.fp8_calls + patch.kept_calls} calls"
+    print(line)
     return 0
 
 
@@ -146,6 +149,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                      help="torch.compile the diffusion transformer(s); MODE is a torch.compile mode: "
                           "default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
+    gen.add_argument("--attention-quantization", metavar="METHOD",
+                     help="fp8: FP8 self-attention in the diffusion transformer(s) (prototype)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("-o", "--output", help="output file (.png; .gif/.webp animate videos)")
     gen.set_defaults(func=_cmd_generate)

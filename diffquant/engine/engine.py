@@ -21,6 +21,7 @@ from diffquant.engine.loading import (
     resolve_quant_spec,
     upcast_vae_on_cpu,
 )
+from diffquant.quantization.attention import AttentionPatch, apply_attention_quantization, check_attention_method
 from diffquant.quantization.kernels.triton_ops import release_shared_quantization
 from diffquant.quantization.report import QuantizeReport
 
@@ -104,7 +105,9 @@ class Engine:
     "vae": None, "default": ...}) where text encoders / VAEs take "fp8" (FP8 weight-only storage) and
     "default" covers the diffusion transformers not named. The transformers are quantized layer by
     layer while they move to `device` (default: cuda if available), so no full bf16 copy lands there.
-    compile: True (or "default") runs the diffusion transformer(s) through torch.compile; a
+    attention_quantization: "fp8" runs the transformers' self-attention with FP8 Q/K/V and P
+    (quantization/attention.py; a prototype: on CUDA a Hopper Triton kernel, elsewhere its float32
+    emulation). compile: True (or "default") runs the diffusion transformer(s) through torch.compile; a
     torch.compile mode name picks that mode: "reduce-overhead" replays CUDA graphs, so no per-kernel
     host work is left (every denoising step calls the transformer with the same shapes).
     """
@@ -112,11 +115,13 @@ class Engine:
     def __init__(self, model: str | Path | None = None, quantization: str | None = None,
                  quantization_config: Any = None, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device | None = None, compile: bool | str = False,
+                 attention_quantization: str | None = None,
                  cache_backend: str | None = None, cache_config: dict | None = None):
         if cache_backend is not None or cache_config is not None:
             raise NotImplementedError("cache_backend / cache_config (TeaCache, first-block cache) are planned; "
                                       "not implemented yet")
         mode = self.compile_mode = _compile_mode(compile)  # checked before the slow load
+        check_attention_method(attention_quantization)
         self.info: PipelineInfo = read_pipeline_info(model)
         self.profile = self.info.profile
         self.quant_config = resolve_quant_spec(quantization, quantization_config)
@@ -131,6 +136,10 @@ class Engine:
         self.reports = prepare_components(self.pipe, self.plan, self.info, self.device)
         if upcast_vae_on_cpu(self.pipe, self.plan, self.device, dtype):
             logger.info("vae runs in float32 on CPU (its config sets force_upcast; bf16 convolutions are slow on CPU)")
+        self.attention: dict[str, AttentionPatch] = {}
+        if attention_quantization is not None:
+            models = {name: getattr(self.pipe, name) for name in self.info.transformers}
+            self.attention = apply_attention_quantization(models, attention_quantization, self.device)
         self._sync()
         self.timings["quantize_s"] = time.perf_counter() - start
         self.pipe.set_progress_bar_config(disable=True)
@@ -166,7 +175,17 @@ class Engine:
                 self._sync()
             finally:
                 release_shared_quantization()
+        self._warn_unused_attention()
         return self._output(result, seed, prompts, timer.timings())
+
+    def _warn_unused_attention(self) -> None:
+        """Never a silent no-op: FP8 attention that no eager call could use is said (traced calls
+        are not counted, so compiled engines are not judged)."""
+        for name, patch in self.attention.items():
+            if self.compile_mode is None and patch.fp8_calls == 0 and patch.kept_calls > 0:
+                logger.warning("FP8 attention in %s: none of its %d attention calls could use it (masks, "
+                               "cross-attention or head dims it does not take); they ran in bf16", name,
+                               patch.kept_calls)
 
     def _call_kwargs(self, params: SamplingParams, seed: int) -> dict[str, Any]:
         defaults = self.profile.defaults
@@ -230,7 +249,8 @@ class Engine:
         """One line: profile, per-component method and layer counts, weight bytes before -> after."""
         from diffquant.engine.output import quantization_summary
 
-        return f"{self.profile.display_name}: {quantization_summary(self.reports)}"
+        attention = f"; FP8 attention in {', '.join(self.attention)}" if self.attention else ""
+        return f"{self.profile.display_name}: {quantization_summary(self.reports)}{attention}"
 
     def hints(self) -> list[str]:
         """Advice the user may want (never applied silently): e.g. Qwen-Image's recommended ignored_layers."""

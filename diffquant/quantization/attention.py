@@ -1,5 +1,6 @@
-"""Runtime FP8 attention for DiT self-attention (prototype: reached from the benchmarks, not yet an
-Engine option; its GPU kernel has not run on a GPU yet).
+"""Runtime FP8 attention for DiT self-attention: Engine(attention_quantization="fp8"),
+`diffquant generate --attention-quantization fp8`, bench_transformer's "+fa8". A prototype: its
+Triton kernel has not run on a GPU yet; the CPU path (the kernel's float32 emulation) is tested.
 
 `use_fp8_attention(model)` routes the attention calls of one diffusers transformer instance
 (its processors' calls of `dispatch_attention_fn`: FLUX, Qwen-Image, Wan2.2, Z-Image, ...) to
@@ -131,3 +132,42 @@ def use_fp8_attention(model: torch.nn.Module) -> AttentionPatch:
                          "diffusers' dispatch_attention_fn; FP8 attention supports diffusers DiTs that do (FLUX, "
                          "Qwen-Image, Wan2.2, Z-Image, ...)")
     return patch
+
+
+ATTENTION_METHODS = ("fp8",)
+
+
+def _head_dim(model: torch.nn.Module) -> int | None:
+    cfg = getattr(model, "config", {}) or {}
+    if cfg.get("attention_head_dim"):
+        return int(cfg["attention_head_dim"])
+    if cfg.get("dim") and cfg.get("n_heads"):  # Z-Image
+        return int(cfg["dim"]) // int(cfg["n_heads"])
+    return None
+
+
+def check_attention_method(method: str | None) -> None:
+    if method is not None and method not in ATTENTION_METHODS:
+        raise ValueError(f"unknown attention quantization {method!r}; valid: {', '.join(ATTENTION_METHODS)}")
+
+
+def check_fp8_attention_device(name: str, head_dim: int | None, capability: tuple[int, int] | None) -> None:
+    """capability: the CUDA device's (None on CPU, where the emulation takes any head dim). The
+    kernel needs Hopper (TMA, FP8 wgmma) and a head dim of 64 or 128."""
+    if capability is None:
+        return
+    if capability < (9, 0):
+        raise ValueError(f"FP8 attention needs an SM90+ GPU (Hopper); this device is SM{capability[0]}{capability[1]}")
+    if head_dim is not None and head_dim not in HEAD_DIMS:
+        raise ValueError(f"FP8 attention supports head dims {', '.join(map(str, HEAD_DIMS))}; {name} has {head_dim}")
+
+
+def apply_attention_quantization(models: dict[str, torch.nn.Module], method: str,
+                                 device: torch.device) -> dict[str, AttentionPatch]:
+    """Engine(attention_quantization=...): FP8 attention in each named transformer, after checking
+    that the device can run it. Returns the patches by name."""
+    check_attention_method(method)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    for name, model in models.items():
+        check_fp8_attention_device(name, _head_dim(model), capability)
+    return {name: use_fp8_attention(model) for name, model in models.items()}

@@ -131,6 +131,35 @@ def test_unknown_compile_mode_is_one_line_error(tiny_pipeline):
                                     "mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
 
 
+def test_fp8_attention_engine_on_the_embedded_model():
+    """attention_quantization="fp8" on the CPU (the kernel's emulation): every attention call of
+    the embedded transformer takes it, the summary says so, the picture stays >= 25 dB from bf16."""
+    from diffquant.quantization.metrics import psnr_db
+
+    params = SamplingParams(seed=0)
+    ref = Engine(model=None, device="cpu").generate("a red circle", params).images[0]
+    engine = Engine(model=None, quantization="fp8", attention_quantization="fp8", device="cpu")
+    assert "FP8 attention in transformer" in engine.summary()
+    out = engine.generate("a red circle", params).images[0]
+    patch = engine.attention["transformer"]
+    assert patch.fp8_calls == 48 and patch.kept_calls == 0  # 8 steps x 6 blocks
+    pixels = [torch.tensor(list(im.getdata()), dtype=torch.float64) for im in (ref, out)]
+    assert psnr_db(*pixels) >= 25.0
+
+
+def test_fp8_attention_checks_method_and_device():
+    from diffquant.quantization.attention import check_fp8_attention_device
+
+    with pytest.raises(ValueError) as err:
+        Engine(model=None, attention_quantization="int8")
+    assert _one_line(err.value) == "unknown attention quantization 'int8'; valid: fp8"
+    with pytest.raises(ValueError, match="needs an SM90\\+ GPU \\(Hopper\\); this device is SM89"):
+        check_fp8_attention_device("transformer", 128, (8, 9))
+    with pytest.raises(ValueError, match="supports head dims 64, 128; transformer has 32"):
+        check_fp8_attention_device("transformer", 32, (9, 0))
+    check_fp8_attention_device("transformer", 32, None)  # CPU: the emulation takes any head dim
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc)
     assert "\n" not in text
