@@ -46,9 +46,9 @@ def _p_codes(p, CODES: tl.constexpr):
 
 
 @triton.jit
-def _quant_row_blocks_kernel(x_ptr, c_ptr, s_ptr, H, N, NB, sxb, sxh, sxn, sxd,
-                             BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
-    """Q / K: one scale per BLOCK rows of one (batch, head); codes contiguous [B, H, N, D]."""
+def _row_tile(x_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Program (block, batch * head): its BLOCK rows of x [B, H, N, D] (any strides) as float32,
+    zero past N; returns (x, rows, cols, row mask, bh)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rows = blk * BLOCK + tl.arange(0, BLOCK)
@@ -56,22 +56,25 @@ def _quant_row_blocks_kernel(x_ptr, c_ptr, s_ptr, H, N, NB, sxb, sxh, sxn, sxd,
     m = (rows < N)[:, None]
     x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd, mask=m,
                 other=0.0).to(tl.float32)
+    return x, rows, cols, m, bh
+
+
+@triton.jit
+def _quant_row_blocks_kernel(x_ptr, c_ptr, s_ptr, H, N, NB, sxb, sxh, sxn, sxd,
+                             BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
+    """Q / K: one scale per BLOCK rows of one (batch, head); codes contiguous [B, H, N, D]."""
+    x, rows, cols, m, bh = _row_tile(x_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK, D)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), 448.0, tl.float32)), 1.0)
     codes = _to_codes(tl.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * scale), CODES)
     tl.store(c_ptr + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], codes, mask=m)
-    tl.store(s_ptr + bh * NB + blk, scale)
+    tl.store(s_ptr + bh * NB + tl.program_id(0), scale)
 
 
 @triton.jit
 def _channel_amax_kernel(x_ptr, amax_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK: tl.constexpr, D: tl.constexpr):
     """V: per-channel amax of BLOCK rows, combined across programs with atomic max (amax >= 0)."""
-    blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = blk * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D)
-    x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd,
-                mask=(rows < N)[:, None], other=0.0).to(tl.float32)
+    x, rows, cols, m, bh = _row_tile(x_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK, D)
     tl.atomic_max(amax_ptr + bh * D + cols, tl.max(tl.abs(x), axis=0))
 
 
@@ -79,18 +82,12 @@ def _channel_amax_kernel(x_ptr, amax_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK: tl.co
 def _quant_v_kernel(x_ptr, amax_ptr, ct_ptr, s_ptr, H, N, SCT, sxb, sxh, sxn, sxd,
                     BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
     """V codes, transposed: ct[b, h, d, n] = v[b, h, n, d] / scale[b, h, d] (ct rows SCT apart)."""
-    blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = blk * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D)
-    m = (rows < N)[:, None]
-    x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd, mask=m,
-                other=0.0).to(tl.float32)
+    x, rows, cols, m, bh = _row_tile(x_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK, D)
     amax = tl.load(amax_ptr + bh * D + cols)
     scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
     codes = _to_codes(tl.div_rn(x, tl.broadcast_to(scale[None, :], x.shape)), CODES)
     tl.store(ct_ptr + (bh.to(tl.int64) * D + cols[None, :]) * SCT + rows[:, None], codes, mask=m)
-    if blk == 0:
+    if tl.program_id(0) == 0:
         tl.store(s_ptr + bh * D + cols, scale)
 
 
@@ -148,7 +145,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int
         nb = triton.cdiv(n, block)
         c = torch.empty((bsz, heads, n, d), device=x.device, dtype=dt)
         s = torch.empty((bsz, heads, nb), device=x.device, dtype=torch.float32)
-        _quant_row_blocks_kernel[(nb, bsz * heads)](x, c, s, heads, n, nb, *x.stride(), BLOCK=block, D=d, CODES=codes)
+        _quant_row_blocks_kernel[(nb, bsz * heads)](x, c, s, heads, n, nb, *x.stride(), BLOCK=block, D=d, CODES=codes,
+                                                    num_warps=8)  # 4 warps spill a 128 x 128 tile (sm_90 compile)
         out += [c, s]
     nb = triton.cdiv(n, 64)
     amax = torch.zeros((bsz, heads, d), device=v.device, dtype=torch.float32)
