@@ -6,9 +6,9 @@ Triton kernel has not run on a GPU yet; the CPU path (the kernel's float32 emula
 (its processors' calls of `dispatch_attention_fn`: FLUX, Qwen-Image, Wan2.2, Z-Image, ...) to
 `diffquant::fp8_attention` when a call is plain self-attention of equal-length q / k / v (no mask
 or a boolean key-padding mask, no dropout, not causal, no context parallelism; on CUDA head dim 64
-or 128); every other call keeps the
-original backend and is counted as kept. The numerics are numerics/attention.py; on CUDA the
-Triton kernel (kernels/triton_attention.py), elsewhere its float32 emulation
+or 128); every other call keeps the original backend and is counted as kept. The numerics are
+numerics/attention.py; on CUDA the Triton kernel (kernels/triton_attention.py, SM90: the Engine
+checks the device, `use_fp8_attention` alone does not), elsewhere its float32 emulation
 (`fp8_attention_emulated`: the same blocks, P rounding and online softmax).
 """
 
