@@ -65,11 +65,12 @@ def measure_ceilings() -> dict[str, float]:
 
 
 def _commit() -> str:
-    """The commit the tree was copied from: `.device_commit` (written by hand before a device call
-    and carried with it: the device's own git metadata can lag behind the copied tree), else git,
-    else $DIFFQUANT_COMMIT."""
+    """The commit the tree was copied from: on the device machine ($OUT set) `.device_commit`
+    (written by hand before a device call and carried with it: the device's own git metadata can
+    lag behind the copied tree), else git, else $DIFFQUANT_COMMIT. (Read locally, a stamp left from
+    the last device call would mislabel a local run.)"""
     stamp = Path(__file__).resolve().parent.parent / ".device_commit"
-    if stamp.is_file():
+    if os.environ.get("OUT") and stamp.is_file():
         return stamp.read_text().strip()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -26,22 +26,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _to_codes(y, CODES: tl.constexpr):
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+def _to_codes(y, CODES: tl.constexpr, CLAMP: tl.constexpr = True):
+    """y as E4M3 codes, saturated to +-448 first unless CLAMP=False (P * 256 <= 256 needs none)."""
+    if CLAMP:
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
     if CODES:  # noqa: SIM108 (constexpr branch)
         c = y.to(tl.float8e4nv)
     else:
         c = y
-    return c
-
-
-@triton.jit
-def _p_codes(p, CODES: tl.constexpr):
-    """P * 256 (<= 256: no clamp needed) as E4M3."""
-    if CODES:  # noqa: SIM108 (constexpr branch)
-        c = p.to(tl.float8e4nv)
-    else:
-        c = p
     return c
 
 
@@ -126,7 +118,7 @@ def _attn_fwd_kernel(q_desc, k_desc, vt_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, km_
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         vt = vt_desc.load([bh * D, start])
-        acc = tl.dot(_p_codes(p, CODES), tl.trans(vt), acc)
+        acc = tl.dot(_to_codes(p, CODES, False), tl.trans(vt), acc)
         m_i = m_new
     sv = tl.load(sv_ptr + bh * D + cols)
     out = acc * sv[None, :] / l_i[:, None]  # l_i carries the same 256
