@@ -69,6 +69,18 @@ def test_identical_runs_cli_in_process(tmp_path, capsys):
     assert "psnr_db inf (identical outputs)" in capsys.readouterr().out
 
 
+def test_candidate_with_fp8_attention(tmp_path):
+    """--candidate-attention-quantization fp8: the candidate runs FP8 attention (CPU: the kernel's
+    emulation), the JSON records it, the picture stays above the stricter thresholds."""
+    out = tmp_path / "fa8.json"
+    rc = main(["compare", "--num-inference-steps", "2", "--candidate-attention-quantization", "fp8",
+               "--output-json", str(out), "--fail-below", "psnr_db=25"])
+    assert rc == 0
+    r = _strict_json(out)
+    assert r["candidate"]["attention_quantization"] == "fp8" and r["reference"]["attention_quantization"] is None
+    assert r["output_metrics"]["identical"] is False and r["gate"]["passed"]
+
+
 def test_video_task_frame_metrics(tmp_path):
     folder = build_tiny_pipeline("wan2.2-t2v-single", tmp_path / "wan")
     params = SamplingParams(num_inference_steps=1, height=16, width=16, num_frames=5, seed=0)
@@ -92,6 +104,7 @@ def test_video_task_frame_metrics(tmp_path):
     (["--output-json", "x.json", "--sensitivity", "--reference-quantization", "int8", "--candidate-quantization",
       "fp8"], "needs a bf16 reference"),
     (["--output-json", "x.json", "--candidate-quantization-config-json", "{bad"], "is not valid JSON"),
+    (["--output-json", "x.json", "--candidate-attention-quantization", "int8"], "unknown attention quantization"),
 ])
 def test_errors_are_one_line_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exc:

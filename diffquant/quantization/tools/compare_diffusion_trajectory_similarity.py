@@ -74,7 +74,8 @@ def compare_diffusion_trajectory_similarity(
     sampling = sampling_record(ref_engine, prompt, params)
     if not sensitivity:
         release(ref_engine)
-    log(f"candidate ({candidate.quantization or 'bf16'}): {warmup_runs} warm-up + {measure_runs} measured runs")
+    what = (candidate.quantization or "bf16") + (", FP8 attention" if candidate.attention_quantization else "")
+    log(f"candidate ({what}): {warmup_runs} warm-up + {measure_runs} measured runs")
     cand_engine = load_engine(candidate, device, compile)
     cand = run_variant(cand_engine, prompt, params, task, warmup_runs, measure_runs)
     release(cand_engine)
@@ -188,6 +189,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     a("--reference-quantization-config-json", help="reference config: inline JSON or a JSON file")
     a("--candidate-quantization-config-json", help="candidate config: inline JSON or a JSON file")
     a("--ignored-layers", help="comma-separated layer patterns kept in bf16 in the candidate")
+    a("--candidate-attention-quantization", metavar="METHOD", help="fp8: the candidate's self-attention in FP8")
     a("--prompt", default="a small red circle at the top on a white background")
     a("--negative-prompt")
     a("--height", type=int)
@@ -212,13 +214,17 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _specs(args: argparse.Namespace) -> tuple[VariantSpec, VariantSpec]:
+    from diffquant.quantization.attention import check_attention_method
+
+    check_attention_method(args.candidate_attention_quantization)  # before the reference runs
     ignored = [p.strip() for p in (args.ignored_layers or "").split(",") if p.strip()]
     cand_cfg = json_arg(args.candidate_quantization_config_json, "--candidate-quantization-config-json")
     reference = VariantSpec(args.reference_model or args.model, args.reference_quantization,
                             json_arg(args.reference_quantization_config_json, "--reference-quantization-config-json"),
                             "reference")
     candidate = VariantSpec(args.candidate_model or args.model, args.candidate_quantization,
-                            with_ignored(args.candidate_quantization, cand_cfg, ignored), "candidate")
+                            with_ignored(args.candidate_quantization, cand_cfg, ignored), "candidate",
+                            args.candidate_attention_quantization)
     return reference, candidate
 
 

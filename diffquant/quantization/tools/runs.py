@@ -22,10 +22,11 @@ class VariantSpec:
     quantization: str | None = None
     quantization_config: Any = None
     label: str = "variant"
+    attention_quantization: str | None = None  # Engine(attention_quantization=...): "fp8"
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model or "embedded (diffquant/assets/tiny-shapes)", "quantization": self.quantization,
-                "quantization_config": self.quantization_config}
+                "quantization_config": self.quantization_config, "attention_quantization": self.attention_quantization}
 
 
 @dataclass
@@ -41,7 +42,7 @@ def load_engine(spec: VariantSpec, device: str | None = None, compile: bool = Fa
     from diffquant.engine import Engine
 
     return Engine(model=spec.model, quantization=spec.quantization, quantization_config=spec.quantization_config,
-                  device=device, compile=compile)
+                  device=device, compile=compile, attention_quantization=spec.attention_quantization)
 
 
 def output_array(out, task: str) -> np.ndarray:
