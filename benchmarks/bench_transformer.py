@@ -174,7 +174,7 @@ def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...
         return "bf16 (no quantization)"
     if variant.partition("-")[0] in ("fp8", "int8"):
         method, _, backend = variant.partition("-")
-        backend = "triton" if backend in ("inductor", "kernel", "hybrid") else backend
+        backend = "triton" if backend in ("inductor", "kernel") else backend
         report = quantize_(model, {"method": method, "backend": backend or "auto", "fuse_activations": _FUSE[0]},
                            keep_high_precision=keep)
         backends = sorted({layer.backend for layer in report.quantized})
@@ -334,9 +334,9 @@ def _graphed(model, inputs):
 
 def _knobs(variant: str) -> str:
     """Set the kernel knobs a variant name carries; returns the name without its "+" option.
-    "-inductor" / "-kernel" / "-hybrid": under compile, inductor generates the activation quantization
-    (fused into the producer, shared by q/k/v) / our kernel does / our kernel for wide activations only
-    (triton_ops.COMPILED_QUANT; no suffix: the library's default); "+fa" / "+nofa":
+    "-inductor" / "-kernel": under compile, inductor generates the activation quantization (fused
+    into the producer, shared by q/k/v) / our kernel does (triton_ops.COMPILED_QUANT; no suffix: the
+    library's default); "+fa" / "+nofa":
     FP8 GEMMs with / without fast accumulation (triton_ops.FP8_FAST_ACCUM; default: the library's);
     "+wide": inductor keeps row reductions up to 16384 wide persistent (benchmarks/inductor_tuning);
     "+cdt": inductor's coordinate-descent tuning of its generated kernels (torchao's compiled variants
@@ -359,7 +359,7 @@ def _knobs(variant: str) -> str:
     _FUSE[0] = "nofuse" not in opts
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]
-    triton_ops.COMPILED_QUANT = suffix if suffix in ("inductor", "kernel", "hybrid") else _DEFAULT_COMPILED_QUANT
+    triton_ops.COMPILED_QUANT = suffix if suffix in ("inductor", "kernel") else _DEFAULT_COMPILED_QUANT
     import torch._inductor.config as inductor_config
 
     inductor_config.inductor_choices_class = inductor_tuning.WideRowReductions if "wide" in opts else None

@@ -138,13 +138,11 @@ def test_compile_fullgraph_traces_quantized_model_cpu(method, rng):
     torch.testing.assert_close(compiled(x, t), model(x, t), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("quant", ["inductor", "kernel", "hybrid"])
+@pytest.mark.parametrize("quant", ["inductor", "kernel"])
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 def test_compile_fullgraph_traces_triton_custom_ops_cpu(method, quant, rng, monkeypatch):
-    """The triton backend's op path (custom ops, CPU reference impls) traces without graph breaks.
-    "hybrid" with the width threshold under this layer's 64 inputs takes the kernel side."""
+    """The triton backend's op path (custom ops, CPU reference impls) traces without graph breaks."""
     monkeypatch.setattr(triton_ops, "COMPILED_QUANT", quant)
-    monkeypatch.setattr(triton_ops, "COMPILED_QUANT_KERNEL_ABOVE", 32)
     model = _Block().to(torch.bfloat16)
     quantize_(model, method)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -292,14 +290,12 @@ def test_quant_linear_triton_backend(method, m, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant", ["kernel", "inductor", "hybrid"])
+@pytest.mark.parametrize("quant", ["kernel", "inductor"])
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 def test_compile_fullgraph_gpu_matches_eager(method, quant, rng, monkeypatch):
-    """Every way of quantizing activations under compile (triton_ops.COMPILED_QUANT); "hybrid" with
-    the threshold between the block's widths (256 and fc2's 1024) mixes both in one graph."""
+    """Every way of quantizing activations under compile (triton_ops.COMPILED_QUANT)."""
     require_cuda((8, 9) if method == "fp8" else (8, 0))
     monkeypatch.setattr(triton_ops, "COMPILED_QUANT", quant)
-    monkeypatch.setattr(triton_ops, "COMPILED_QUANT_KERNEL_ABOVE", 512)
     model = _Block(256).to(torch.bfloat16).cuda()
     quantize_(model, {"method": method, "backend": "triton"})
     x = torch.randn(2, 300, 256, generator=rng).to(torch.bfloat16).cuda()

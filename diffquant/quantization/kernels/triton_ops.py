@@ -42,13 +42,11 @@ FP8_FAST_ACCUM = True
 # away from eager) or "kernel" (our bit-exact custom op, opaque to inductor). Both pass the GPU
 # compile test; "inductor" measured 4.4 ms faster per FLUX.1-dev forward (benchmarks/NOTES.md run 4).
 COMPILED_QUANT = "inductor"
-# "hybrid" (a candidate, not yet measured): our kernel for activations wider than this, inductor
-# below. Wide activations (FLUX: gelu(mlp) rows of 12288, cat(attn, gelu(mlp)) rows of 15360) got
-# an amax pass and a quantize pass from inductor at ~1-1.5 TB/s (benchmarks/NOTES.md run 5a).
-COMPILED_QUANT_KERNEL_ABOVE = 4096
 # Which Triton int8 GEMM the custom op (the compiled path) runs: "auto" (the persistent TMA kernel on
 # Hopper for M > 64: faster on the GPU, but three host-side TMA descriptors per call) or "classic".
-# Compiled int8 FLUX depends on the host (115.5 ms in run 6d, 156 ms on a slower host in 6b): to measure.
+# FLUX.1-dev, run 7a: default compile mode 148.9 ms auto vs 124.5 classic (host-bound either way, bf16
+# 132.4); with CUDA graphs (no host work) auto 100.4 ms, classic not measured there. Kept "auto": the
+# CUDA-graph mode is the one that reaches the target.
 COMPILED_INT8_KERNEL = "auto"
 
 
@@ -206,14 +204,13 @@ def _triton_linear_traced(layer, x2d: torch.Tensor) -> torch.Tensor:
     """Under torch.compile. With COMPILED_QUANT == "inductor" the activation quantization is the
     reference numerics in plain torch ops, so inductor fuses it into the kernel that produces x
     (norm + modulation) and shares it between the linears that read the same x (q, k, v); with
-    "kernel" it is our custom op (opaque to inductor); "hybrid" takes the kernel for activations wider
-    than COMPILED_QUANT_KERNEL_ABOVE. The GEMM is torch._scaled_mm (fp8) or the custom op. No graph
-    breaks either way."""
-    if COMPILED_QUANT not in ("inductor", "kernel", "hybrid"):
-        raise ValueError(f"triton_ops.COMPILED_QUANT must be 'inductor', 'kernel' or 'hybrid', got {COMPILED_QUANT!r}")
+    "kernel" it is our custom op (opaque to inductor). (The wide activations behind a GELU, which
+    inductor read twice at ~1 TB/s, go through the fused kernel instead: triton_act_linear.) The GEMM
+    is torch._scaled_mm (fp8) or the custom op. No graph breaks either way."""
+    if COMPILED_QUANT not in ("inductor", "kernel"):
+        raise ValueError(f"triton_ops.COMPILED_QUANT must be 'inductor' or 'kernel', got {COMPILED_QUANT!r}")
     fmt = layer.scheme.method
-    wide = x2d.shape[-1] > COMPILED_QUANT_KERNEL_ABOVE
-    if COMPILED_QUANT == "inductor" or (COMPILED_QUANT == "hybrid" and not wide):
+    if COMPILED_QUANT == "inductor":
         xq, xs = _quant_ref(x2d, fmt)
     else:
         xq, xs = torch.ops.diffquant.quantize_per_token(x2d, fmt)
