@@ -6,8 +6,9 @@
 # device's git metadata can lag behind the copied tree.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >/dev/null 2>&1 || echo "wheel install failed"
+# Two sessions at once (one per GPU of a two-GPU machine): install once first, then SKIP_WHEELS=1.
+[ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
 for stage in "$@"; do
@@ -44,4 +45,4 @@ for stage in "$@"; do
   echo "== stage $stage rc=$? $(( $(date +%s) - start ))s"
 done
 # The device returns at most 8 files: pack everything into one archive.
-(cd "$OUT" && tar czf ../results.tgz . && rm -rf ./* && mv ../results.tgz .)
+tgz=$(mktemp /tmp/results.XXXXXX); (cd "$OUT" && tar czf "$tgz" . && rm -rf ./* && mv "$tgz" results.tgz)
