@@ -301,6 +301,8 @@ def _free_memory() -> None:
 
 
 _FUSE = [True]  # set per variant by _knobs
+_PROFILE_TIMED: set[str] = set()  # --profile-timed: variants profiled right after their timing
+TIMED_PROFILES: dict[str, str] = {}
 
 
 def _compile_kind(variant: str) -> str:
@@ -449,6 +451,8 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
             warmup = 4 if "reduce-overhead" in row["mode"] else 2  # CUDA-graph trees record on call 2-3
             t = time_cuda(fn, warmup=warmup, reps=reps)
             row["activation_peak_GB"] = (torch.cuda.max_memory_allocated() - before) / GB
+            if variant in _PROFILE_TIMED:
+                TIMED_PROFILES[f"{variant} ({row['mode']}, profiled after timing)"] = profile_forward(model, inputs)
         row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], reps=t["reps"])
         row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
         if restore is not None:
@@ -468,6 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", nargs="*", default=[], help="variants to profile (eager, top CUDA kernels)")
     ap.add_argument("--profile-compiled", nargs="*", default=[], help="variants to profile under regional compile")
+    ap.add_argument("--profile-timed", nargs="*", default=[],
+                    help="variants (of --variants / --compile) profiled with one more forward right after their "
+                         "timing: no second compile")
     ap.add_argument("--multi-kernel", action="store_true",
                     help="inductor multi_kernel=1 for every compiled variant: rows of 3072 (FLUX) exceed inductor's "
                          "1024-element persistent-reduction threshold, so norm + quantization otherwise loop over x")
@@ -493,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     # In the order given (put torchao's compiled variants early: their compile time is the least
     # predictable and a stage limit should not cut them), then the profiles.
     jobs = [(v, False) for v in args.variants] + [(v, True) for v in args.compile]
-    profiles = {}
+    profiles = TIMED_PROFILES
+    _PROFILE_TIMED.update(args.profile_timed)
     for variant, compiled in jobs:
         try:
             row = run_variant(base, spec, variant, compiled, captured, inputs, args.reps)
@@ -583,11 +591,25 @@ def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(**inputs)
             torch.cuda.synchronize()
-    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=100)
-    text += "\n" + kernel_categories(prof.key_averages())
     if restore is not None:
         restore()
-    return text
+    return _profile_text(prof)
+
+
+def _profile_text(prof) -> str:
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=100)
+    return text + "\n" + kernel_categories(prof.key_averages())
+
+
+def profile_forward(model, inputs) -> str:
+    """Top CUDA kernels of one more forward of an already timed (compiled, warm) model: profiling a
+    compiled variant this way costs no second compile (torchao's take minutes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**inputs)
+        torch.cuda.synchronize()
+    return _profile_text(prof)
 
 
 if __name__ == "__main__":

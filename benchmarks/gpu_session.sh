@@ -36,7 +36,8 @@ for stage in "$@"; do
     model) timeout ${MODEL_T:-300} python3 benchmarks/bench_transformer.py --model ${MODEL_NAME:-flux1-dev} --reps ${REPS:-10} \
              --tag ${MODEL_TAG:-final} --out "$OUT" \
              --variants ${EAGER_VARIANTS:-bf16 fp8 int8 ao-fp8 ao-int8} --compile ${COMPILE_VARIANTS:-bf16 fp8 int8} \
-             --profile ${PROFILE:-fp8} --profile-compiled ${PROFILE_COMPILED:-} > "$OUT/model.log" 2>&1
+             --profile ${PROFILE:-fp8} --profile-compiled ${PROFILE_COMPILED:-} --profile-timed ${PROFILE_TIMED:-} \
+             > "$OUT/model.log" 2>&1
            grep -E "^\{|Error|error" "$OUT/model.log" | cut -c1-330 | tail -14;;
     compile) timeout ${COMPILE_T:-400} python3 benchmarks/bench_transformer.py --tag compiled --out "$OUT" \
              --variants --compile ${COMPILE_VARIANTS:-bf16 fp8 int8 ao-fp8} > "$OUT/compile.log" 2>&1
