@@ -102,7 +102,9 @@ def qwen_image_spec(height: int = 1024, width: int = 1024, text_tokens: int = 25
             hidden_states=torch.randn(1, h * w, cfg["in_channels"], device=dev, generator=g).to(bf),
             encoder_hidden_states=torch.randn(1, text_tokens, cfg["joint_attention_dim"], device=dev,
                                               generator=g).to(bf),
-            encoder_hidden_states_mask=torch.ones(1, text_tokens, device=dev, dtype=torch.long),
+            # No mask: QwenImagePipeline drops an all-ones prompt mask (batch 1), and the forward turns a
+            # mask into a host-to-device copy that CUDA-graph capture refuses.
+            encoder_hidden_states_mask=None,
             timestep=torch.tensor([0.5], device=dev, dtype=bf), img_shapes=[[(1, h, w)]], return_dict=False,
         )
 
@@ -349,12 +351,14 @@ def _knobs(variant: str) -> str:
     instead of the TMA one (triton_ops.COMPILED_INT8_KERNEL); "+whole" / "+ro": under compile, the
     whole model through model.compile() in torch.compile's default / "reduce-overhead" mode, as the
     Engine compiles (no per-block wrapper; first compiles take minutes: see _compile_kind); "+fa8":
-    self-attention through the FP8 attention prototype (quantization/attention.py)."""
+    self-attention through the FP8 attention prototype (quantization/attention.py); "+qkv": this
+    variant's copy of the model gets diffusers' fuse_qkv_projections() before quantization (one GEMM
+    for q/k/v; --fuse-qkv does it for every variant)."""
     name, *opts = variant.split("+")
-    unknown = set(opts) - {"fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "whole", "ro", "fa8"}
+    valid = ("fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "whole", "ro", "fa8", "qkv")
+    unknown = set(opts) - set(valid)
     if unknown:
-        raise ValueError(f"variant options {sorted(unknown)} unknown; "
-                         "valid: +fa, +nofa, +wide, +cdt, +nofuse, +graph, +classic, +whole, +ro, +fa8")
+        raise ValueError(f"variant options {sorted(unknown)} unknown; valid: " + ", ".join("+" + o for o in valid))
     if "ro" in opts and ("graph" in opts or "whole" in opts):
         raise ValueError(f"{variant}: +ro is whole-model compile with CUDA-graph trees; it takes no +graph or +whole")
     triton_ops.COMPILED_INT8_KERNEL = "classic" if "classic" in opts else _DEFAULT_INT8_KERNEL
@@ -422,7 +426,10 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     _free_memory()
     mem0 = torch.cuda.memory_allocated()
     row = dict(variant=variant, mode=_mode(variant, compiled))
-    model = base if variant.partition("+")[0] == "bf16" else copy.deepcopy(base)
+    fuse_qkv = "qkv" in variant.split("+")[1:]
+    model = base if variant.partition("+")[0] == "bf16" and not fuse_qkv else copy.deepcopy(base)
+    if fuse_qkv:
+        model.fuse_qkv_projections()
     t0 = time.perf_counter()
     row["quantization"] = _quantize_variant(model, _knobs(variant), spec["keep"])
     with _attention_for(model, variant) as attention:
@@ -434,30 +441,39 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
         if quantized and not compiled:
             _record_sqnr(row, model, captured)
         restore = _compile_for(model, spec, variant, compiled)
-        if attention is not None:
-            attention.fp8_calls = attention.kept_calls = 0  # count the first forward's calls only
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            model(**inputs)
-            torch.cuda.synchronize()
-            row["first_call_s"] = time.perf_counter() - t0
-            if attention is not None:  # eager calls of the first forward (a traced one counts none)
-                row["quantization"] += f"; FP8 attention: {attention.fp8_calls} calls, {attention.kept_calls} kept"
-            if quantized and compiled and _compile_kind(variant) == "regional":
-                _record_sqnr(row, model, captured)  # through the compiled block graphs (compiled above)
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn = _graphed(model, inputs) if row["mode"].endswith("CUDA graph") else (lambda: model(**inputs))
-            warmup = 4 if "reduce-overhead" in row["mode"] else 2  # CUDA-graph trees record on call 2-3
-            t = time_cuda(fn, warmup=warmup, reps=reps)
-            row["activation_peak_GB"] = (torch.cuda.max_memory_allocated() - before) / GB
-            if variant in _PROFILE_TIMED:
-                TIMED_PROFILES[f"{variant} ({row['mode']}, profiled after timing)"] = profile_forward(model, inputs)
-        row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], reps=t["reps"])
-        row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
-        if restore is not None:
-            restore()
+        try:
+            with torch.no_grad():
+                _time_variant(row, model, inputs, variant, quantized and compiled, captured, attention, reps)
+        finally:  # a failed variant must not leave the shared bf16 model wrapped for the next one
+            if restore is not None:
+                restore()
     return row
+
+
+def _time_variant(row, model, inputs, variant, compiled_quantized, captured, attention, reps) -> None:
+    """First call (compiles), block SQNR of a compiled quantized variant, then the timed forwards."""
+    if attention is not None:
+        attention.fp8_calls = attention.kept_calls = 0  # count the first forward's calls only
+    t0 = time.perf_counter()
+    model(**inputs)
+    torch.cuda.synchronize()
+    row["first_call_s"] = time.perf_counter() - t0
+    if attention is not None:  # eager calls of the first forward; a compiled one runs the traced op
+        counted = ("traced into the compiled graphs" if compiled_quantized
+                   else f"{attention.fp8_calls} calls, {attention.kept_calls} kept")
+        row["quantization"] += f"; FP8 attention: {counted}"
+    if compiled_quantized and _compile_kind(variant) == "regional":
+        _record_sqnr(row, model, captured)  # through the compiled block graphs (compiled above)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn = _graphed(model, inputs) if row["mode"].endswith("CUDA graph") else (lambda: model(**inputs))
+    warmup = 4 if "reduce-overhead" in row["mode"] else 2  # CUDA-graph trees record on call 2-3
+    t = time_cuda(fn, warmup=warmup, reps=reps)
+    row["activation_peak_GB"] = (torch.cuda.max_memory_allocated() - before) / GB
+    if variant in _PROFILE_TIMED:
+        TIMED_PROFILES[f"{variant} ({row['mode']}, profiled after timing)"] = profile_forward(model, inputs)
+    row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], reps=t["reps"])
+    row["peak_GB"] = row["weights_GB"] + row["activation_peak_GB"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,17 @@ def test_spec_quantizers_roundtrip_and_scales(rng):
     assert sqnr_db(q.double().flatten(), back.double().flatten()) > 28  # E4M3: ~31 dB on gaussians
 
 
+@pytest.mark.parametrize("n", [128, 256, 200])
+def test_spec_quantizers_take_strided_views(n, rng):
+    """diffusers passes q/k/v as [B, H, N, D] views of [B, N, H, D] storage; N a multiple of the block
+    (no padding copy) is the case a .view() would reject."""
+    q = _qkv(1, 3, n, 64, rng)[0]
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+    for (c1, s1), (c2, s2) in ((na.fp8_quantize_rows_blocked(strided, 64), na.fp8_quantize_rows_blocked(q, 64)),
+                               (na.fp8_quantize_channels(strided), na.fp8_quantize_channels(q))):
+        assert torch.equal(s1, s2) and torch.equal(c1.view(torch.uint8), c2.view(torch.uint8))
+
+
 def test_key_padding_mask_in_spec_and_emulation(rng):
     q, k, v = _qkv(2, 2, 260, 64, rng)
     km = torch.rand(2, 260, generator=rng) > 0.3

@@ -31,7 +31,7 @@ def _block_amax(x: torch.Tensor, block: int) -> torch.Tensor:
     b, h, n, d = x.shape
     pad = (-n) % block
     xa = torch.nn.functional.pad(x.abs().float(), (0, 0, 0, pad))
-    return xa.view(b, h, (n + pad) // block, block * d).amax(dim=-1)
+    return xa.reshape(b, h, (n + pad) // block, block * d).amax(dim=-1)  # x may be a strided view
 
 
 def fp8_quantize_rows_blocked(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
