@@ -82,6 +82,29 @@ _PARAM_TO_KWARG = {"num_inference_steps": "num_inference_steps", "guidance_scale
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+# torch.compile modes that replay CUDA graphs (inductor's CUDA-graph trees).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_transformer(module: torch.nn.Module, mode: str) -> None:
+    """module.compile(mode); under a CUDA-graph mode each call also starts a new graph-tree step and
+    returns a copy of its outputs. The graphs' outputs live in memory the next replay overwrites, and
+    a pipeline with CFG keeps the conditional prediction while it calls the transformer again for the
+    unconditional one (Wan2.2, Qwen-Image): without the copy that access raises (run 8b). The copy is
+    one latent-sized tensor per call."""
+    module.compile(mode=None if mode == "default" else mode)
+    if mode not in CUDA_GRAPH_MODES:
+        return
+    compiled = module._compiled_call_impl
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args, **kwargs)
+        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out)
+
+    module._compiled_call_impl = call
+
+
 def _compile_mode(compile: bool | str) -> str | None:
     """Engine's `compile` argument as a torch.compile mode name, None for no compile."""
     if compile is False or compile is None:
@@ -149,7 +172,7 @@ class Engine:
             logger.info(hint)
         if mode is not None:
             for name in self.info.transformers:
-                getattr(self.pipe, name).compile(mode=None if mode == "default" else mode)
+                compile_transformer(getattr(self.pipe, name), mode)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], params: SamplingParams | None = None,

@@ -113,6 +113,30 @@ def test_compile_mode_is_passed_to_torch_compile(tiny_pipeline, monkeypatch):
     assert modes == ["reduce-overhead", None]
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune", "default"])
+def test_cuda_graph_modes_copy_transformer_outputs(mode, monkeypatch):
+    """Under a CUDA-graph mode the graph's output buffer is reused by the next replay: the engine's
+    wrapper starts a new graph-tree step per call and hands the pipeline a copy (CFG keeps the first
+    prediction across the second call)."""
+    from diffquant.engine.engine import compile_transformer
+
+    owned = torch.randn(2, 3)  # stands for a graph-owned output buffer
+    steps = []
+
+    def fake_compile(self, **kw):
+        self._compiled_call_impl = lambda *a, **k: (owned, {"x": owned})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    module = torch.nn.Linear(3, 3)
+    compile_transformer(module, mode)
+    out, extra = module(torch.randn(1, 3))
+    graphs = mode != "default"
+    assert torch.equal(out, owned) and torch.equal(extra["x"], owned)
+    assert (out.data_ptr() != owned.data_ptr()) == graphs and (extra["x"].data_ptr() != owned.data_ptr()) == graphs
+    assert len(steps) == int(graphs)
+
+
 def test_default_compile_on_cuda_hints_cuda_graphs(tiny_pipeline, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)
     hint = "compile='reduce-overhead' replays CUDA graphs"
