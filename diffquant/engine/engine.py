@@ -21,7 +21,12 @@ from diffquant.engine.loading import (
     resolve_quant_spec,
     upcast_vae_on_cpu,
 )
-from diffquant.quantization.attention import AttentionPatch, apply_attention_quantization, check_attention_method
+from diffquant.quantization.attention import (
+    AttentionPatch,
+    apply_attention_quantization,
+    check_attention_method,
+    short_sequence_hint,
+)
 from diffquant.quantization.kernels.triton_ops import release_shared_quantization
 from diffquant.quantization.report import QuantizeReport
 
@@ -160,6 +165,7 @@ class Engine:
         if upcast_vae_on_cpu(self.pipe, self.plan, self.device, dtype):
             logger.info("vae runs in float32 on CPU (its config sets force_upcast; bf16 convolutions are slow on CPU)")
         self.attention: dict[str, AttentionPatch] = {}
+        self._hinted: set[str] = set()
         if attention_quantization is not None:
             models = {name: getattr(self.pipe, name) for name in self.info.transformers}
             self.attention = apply_attention_quantization(models, attention_quantization, self.device)
@@ -203,12 +209,17 @@ class Engine:
 
     def _warn_unused_attention(self) -> None:
         """Never a silent no-op: FP8 attention that no eager call could use is said (traced calls
-        are not counted, so compiled engines are not judged)."""
+        are not counted, so compiled engines are not judged); once per transformer, a hint when
+        it only saw sequences where it measured slower than bf16."""
         for name, patch in self.attention.items():
             if self.compile_mode is None and patch.fp8_calls == 0 and patch.kept_calls > 0:
                 logger.warning("FP8 attention in %s: none of its %d attention calls could use it (masks, "
                                "cross-attention or head dims it does not take); they ran in bf16", name,
                                patch.kept_calls)
+            hint = short_sequence_hint(patch, self.device.type)
+            if hint is not None and name not in self._hinted:
+                self._hinted.add(name)
+                logger.info("%s: %s", name, hint)
 
     def _call_kwargs(self, params: SamplingParams, seed: int) -> dict[str, Any]:
         defaults = self.profile.defaults

@@ -50,6 +50,23 @@ class AttentionPatch:
     processors: list = field(default_factory=list)
     fp8_calls: int = 0
     kept_calls: int = 0
+    max_tokens: int = 0  # the longest query sequence of an FP8 call
+
+
+# FP8 attention (Q/K/V quantization + kernel) against cuDNN's bf16 SDPA on an H200, (tokens, speedup):
+# benchmarks/results/bench_attention.md, run 8a (FLUX.1-dev 1024^2, Wan2.2 480p x 81 frames).
+MEASURED_SPEEDUP = ((4608, 0.81), (32760, 1.24))
+SHORT_SEQUENCE = 16384
+
+
+def short_sequence_hint(patch: AttentionPatch, device_type: str) -> str | None:
+    """On CUDA, a hint when every FP8 call of a run was short: there the measured kernel was slower
+    than bf16 SDPA, so FP8 attention cost time as well as quality."""
+    if device_type != "cuda" or patch.fp8_calls == 0 or patch.max_tokens >= SHORT_SEQUENCE:
+        return None
+    measured = ", ".join(f"{x:.2f}x at {n} tokens" for n, x in MEASURED_SPEEDUP)
+    return (f"FP8 attention ran on sequences of up to {patch.max_tokens} tokens; against bf16 SDPA on an "
+            f"H200 it measured {measured}: at this length it likely costs time as well as quality")
 
     def restore(self) -> None:
         for proc, cls in self.processors:
@@ -87,6 +104,7 @@ def _fp8_dispatch(original, patch: AttentionPatch):
                             backend=backend, parallel_config=parallel_config)
         if not torch.compiler.is_compiling():
             patch.fp8_calls += 1
+            patch.max_tokens = max(patch.max_tokens, query.shape[1])
         q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # diffusers passes [B, S, H, D]
         sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         return torch.ops.diffquant.fp8_attention(q, k, v, sm_scale, key_mask).permute(0, 2, 1, 3)

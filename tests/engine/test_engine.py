@@ -167,8 +167,22 @@ def test_fp8_attention_engine_on_the_embedded_model():
     out = engine.generate("a red circle", params).images[0]
     patch = engine.attention["transformer"]
     assert patch.fp8_calls == 48 and patch.kept_calls == 0  # 8 steps x 6 blocks
+    patch_px = 2 * engine.pipe.vae_scale_factor  # a 2x2 latent patch per token
+    image_tokens = (out.width // patch_px) * (out.height // patch_px)
+    assert patch.max_tokens == image_tokens + engine.pipe.tokenizer.model_max_length
     pixels = [torch.tensor(list(im.getdata()), dtype=torch.float64) for im in (ref, out)]
     assert psnr_db(*pixels) >= 25.0
+
+
+def test_fp8_attention_hints_short_sequences_on_cuda():
+    from diffquant.quantization.attention import SHORT_SEQUENCE, AttentionPatch, short_sequence_hint
+
+    patch = AttentionPatch(fp8_calls=3, max_tokens=4608)
+    hint = short_sequence_hint(patch, "cuda")
+    assert "up to 4608 tokens" in hint and "0.81x at 4608 tokens" in hint and "1.24x at 32760 tokens" in hint
+    assert short_sequence_hint(patch, "cpu") is None  # the CPU emulation is not the measured kernel
+    assert short_sequence_hint(AttentionPatch(fp8_calls=3, max_tokens=SHORT_SEQUENCE), "cuda") is None
+    assert short_sequence_hint(AttentionPatch(kept_calls=3), "cuda") is None  # no FP8 call, nothing to say
 
 
 def test_fp8_attention_checks_method_and_device():
