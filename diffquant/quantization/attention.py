@@ -52,6 +52,11 @@ class AttentionPatch:
     kept_calls: int = 0
     max_tokens: int = 0  # the longest query sequence of an FP8 call
 
+    def restore(self) -> None:
+        for proc, cls in self.processors:
+            proc.__class__ = cls
+        self.processors = []
+
 
 # FP8 attention (Q/K/V quantization + kernel) against cuDNN's bf16 SDPA on an H200, (tokens, speedup):
 # benchmarks/results/bench_attention.md, run 8a (FLUX.1-dev 1024^2, Wan2.2 480p x 81 frames).
@@ -67,11 +72,6 @@ def short_sequence_hint(patch: AttentionPatch, device_type: str) -> str | None:
     measured = ", ".join(f"{x:.2f}x at {n} tokens" for n, x in MEASURED_SPEEDUP)
     return (f"FP8 attention ran on sequences of up to {patch.max_tokens} tokens; against bf16 SDPA on an "
             f"H200 it measured {measured}: at this length it likely costs time as well as quality")
-
-    def restore(self) -> None:
-        for proc, cls in self.processors:
-            proc.__class__ = cls
-        self.processors = []
 
 
 def _key_mask(attn_mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None | bool:

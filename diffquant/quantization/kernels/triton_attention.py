@@ -126,29 +126,38 @@ def _attn_fwd_kernel(q_desc, k_desc, vt_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, km_
              out.to(o_ptr.dtype.element_ty), mask=(rows < N)[:, None])
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_k: int = 128,
-                 codes: bool = True):
-    """(qc, sq, kc, sk, vct, sv): Q/K codes [B, H, N, D] with per-block scales [B, H, nb]; V codes
-    transposed [B, H, D, N] with per-channel scales [B, H, D] (numerics/attention.py)."""
-    bsz, heads, n, d = q.shape
-    dt = torch.float8_e4m3fn if codes else torch.float32
-    out = []
-    for x, block in ((q, block_q), (k, block_k)):
-        nb = triton.cdiv(n, block)
-        c = torch.empty((bsz, heads, n, d), device=x.device, dtype=dt)
-        s = torch.empty((bsz, heads, nb), device=x.device, dtype=torch.float32)
-        _quant_row_blocks_kernel[(nb, bsz * heads)](x, c, s, heads, n, nb, *x.stride(), BLOCK=block, D=d, CODES=codes,
-                                                    num_warps=8)  # 4 warps spill a 128 x 128 tile (sm_90 compile)
-        out += [c, s]
+def quantize_rows_blocked(x: torch.Tensor, block: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q or K: [B, H, N, D] (any strides) -> codes [B, H, N, D] contiguous, scales [B, H, ceil(N / block)]."""
+    bsz, heads, n, d = x.shape
+    nb = triton.cdiv(n, block)
+    c = torch.empty((bsz, heads, n, d), device=x.device, dtype=torch.float8_e4m3fn if codes else torch.float32)
+    s = torch.empty((bsz, heads, nb), device=x.device, dtype=torch.float32)
+    _quant_row_blocks_kernel[(nb, bsz * heads)](x, c, s, heads, n, nb, *x.stride(), BLOCK=block, D=d, CODES=codes,
+                                                num_warps=8)  # 4 warps spill a 128 x 128 tile (sm_90 compile)
+    return c, s
+
+
+def quantize_channels_transposed(v: torch.Tensor, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """V: [B, H, N, D] (any strides) -> codes transposed [B, H, D, N] (rows padded to 16 bytes: TMA
+    strides; a view of the first N), per-channel scales [B, H, D]. Two passes: amax, then codes."""
+    bsz, heads, n, d = v.shape
     nb = triton.cdiv(n, 64)
     amax = torch.zeros((bsz, heads, d), device=v.device, dtype=torch.float32)
     _channel_amax_kernel[(nb, bsz * heads)](v, amax, heads, n, *v.stride(), BLOCK=64, D=d)
-    # Rows of N codes padded to 16 bytes (TMA strides); the kernels index with this row stride.
+    dt = torch.float8_e4m3fn if codes else torch.float32
     vct = torch.empty((bsz, heads, d, triton.cdiv(n, 16) * 16), device=v.device, dtype=dt)[..., :n]
     sv = torch.empty((bsz, heads, d), device=v.device, dtype=torch.float32)
     _quant_v_kernel[(nb, bsz * heads)](v, amax, vct, sv, heads, n, vct.stride(2), *v.stride(), BLOCK=64, D=d,
                                        CODES=codes)
-    return (*out, vct, sv)
+    return vct, sv
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_k: int = 128,
+                 codes: bool = True):
+    """(qc, sq, kc, sk, vct, sv): Q/K codes [B, H, N, D] with per-block scales [B, H, nb]; V codes
+    transposed [B, H, D, N] with per-channel scales [B, H, D] (numerics/attention.py)."""
+    return (*quantize_rows_blocked(q, block_q, codes), *quantize_rows_blocked(k, block_k, codes),
+            *quantize_channels_transposed(v, codes))
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
@@ -161,11 +170,21 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: f
     if k.shape != q.shape or v.shape != q.shape or d not in (64, 128):
         raise ValueError(f"fp8_attention: q, k, v must share a [B, H, N, D] shape with D 64 or 128; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    quantized = quantize_qkv(q, k, v, block_m, block_n, codes)
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    return attend_quantized(quantized, q.dtype, sm_scale, key_mask, block_m, block_n, warps, stages, codes)
+
+
+def attend_quantized(quantized: tuple, out_dtype: torch.dtype, sm_scale: float, key_mask: torch.Tensor | None = None,
+                     block_m: int = 128, block_n: int = 128, warps: int = 8, stages: int = 3,
+                     codes: bool = True) -> torch.Tensor:
+    """The attention kernel on `quantize_qkv`'s output (same block_m / block_n): [B, H, N, D] in
+    out_dtype. fp8_attention is quantize_qkv + this; apart so benchmarks can time each."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    qc, sq, kc, sk, vct, sv = quantize_qkv(q, k, v, block_m, block_n, codes)
-    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous, as the custom op's fake says
-    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    qc, sq, kc, sk, vct, sv = quantized
+    bsz, heads, n, d = qc.shape
+    o = torch.empty(qc.shape, device=qc.device, dtype=out_dtype)  # contiguous, as the custom op's fake says
     rows = bsz * heads * n
     q_desc = TensorDescriptor(qc, [rows, d], [d, 1], [block_m, d])
     k_desc = TensorDescriptor(kc, [rows, d], [d, 1], [block_n, d])
