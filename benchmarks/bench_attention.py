@@ -39,6 +39,12 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
 
 
+def _bench_graph(fn) -> float:
+    """GPU time alone: replays of fn captured in a CUDA graph (no launch or host work; run 8a's
+    do_bench of the four quantizer launches was bound by their host-side launches)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+
+
 def _sdpa(backend):
     def run(q, k, v):
         if backend is None:
@@ -66,6 +72,11 @@ def _variants(q, k, v):
         yield (f"fp8 (quantize + kernel) m{bm} n{bn} w{w} s{st}", True,
                lambda bm=bm, bn=bn, w=w, st=st: ta.fp8_attention(q, k, v, block_m=bm, block_n=bn, warps=w, stages=st))
     yield "fp8 quantize_qkv alone", None, lambda: ta.quantize_qkv(q, k, v)
+    yield "fp8 quantize Q alone (per 128-row block)", None, lambda: ta.quantize_rows_blocked(q, 128)
+    yield "fp8 quantize V alone (amax + transposed codes)", None, lambda: ta.quantize_channels_transposed(v)
+    quantized = ta.quantize_qkv(q, k, v)
+    sm_scale = q.shape[-1] ** -0.5
+    yield "fp8 kernel alone (m128 n128 w8 s3)", True, lambda: ta.attend_quantized(quantized, q.dtype, sm_scale)
 
 
 def bench_shape(name, b, h, n, d) -> list[dict]:
@@ -78,8 +89,10 @@ def bench_shape(name, b, h, n, d) -> list[dict]:
         try:
             out = fn()
             row["ms"] = _bench(fn)
+            row["graph_ms"] = _bench_graph(fn)
             if fp8 is not None:
                 row["TFLOPs"] = flops / row["ms"] / 1e9
+                row["graph_TFLOPs"] = flops / row["graph_ms"] / 1e9
                 row.update(_errors(out, q, k, v, fp8))
         except Exception as e:  # noqa: BLE001 - recorded in the table
             row["error"] = f"{type(e).__name__}: {e}"[:200]
@@ -98,9 +111,11 @@ def main(argv=None):
         if shape[0] in args.shapes:
             rows += bench_shape(*shape)
     env = environment()
-    cols = ["shape", "N", "H", "variant", "ms", "TFLOPs", "sqnr_vs_exact_db", "sqnr_vs_spec_db", "error"]
+    cols = ["shape", "N", "H", "variant", "ms", "graph_ms", "TFLOPs", "graph_TFLOPs", "sqnr_vs_exact_db",
+            "sqnr_vs_spec_db", "error"]
     md = (f"# FP8 attention (prototype) vs bf16 SDPA\n\n`{env['command']}`\n\ncommit {env['commit']}, "
-          f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}; triton.testing.do_bench medians. "
+          f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}; triton.testing.do_bench medians "
+          "(ms: launches included) and do_bench_cudagraph medians (graph_ms: GPU time alone). "
           f"TFLOPs: 4 N^2 D H / time. SQNR on the first {SUB_Q} queries of the first {SUB_H} heads: against "
           "exact float64 attention of the bf16 inputs, and (fp8) against the spec (exact attention of the "
           "dequantized inputs).\n\n" + md_table(rows, cols))
