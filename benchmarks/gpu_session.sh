@@ -6,7 +6,7 @@
 # device's git metadata can lag behind the copied tree.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
-# Two sessions at once (one per GPU of a two-GPU machine): install once first, then SKIP_WHEELS=1.
+# Two sessions at once (one per GPU of a two-GPU machine): benchmarks/gpu_lanes.sh installs once, sets SKIP_WHEELS=1.
 [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"
 export PYTHONPATH=/tmp/site:$PWD
