@@ -347,21 +347,23 @@ def _knobs(variant: str) -> str:
     get it from torchao's own config setter); "+nofuse": quantize_ with fuse_activations=False (the
     GELUs stay separate ops, quantization/fusion.py);
     "+graph": time replays of one forward captured in a CUDA graph (no CPU work per forward; its own
-    mode, compared with "bf16+graph"); "+classic": under compile, int8 GEMMs on the classic kernel
-    instead of the TMA one (triton_ops.COMPILED_INT8_KERNEL); "+whole" / "+ro": under compile, the
+    mode, compared with "bf16+graph"); "+classic" / "+tmaauto": under compile, int8 GEMMs always on the
+    classic kernel / on the TMA one wherever it applies (triton_ops.COMPILED_INT8_KERNEL; the default
+    takes TMA inside CUDA-graph capture only); "+whole" / "+ro": under compile, the
     whole model through model.compile() in torch.compile's default / "reduce-overhead" mode, as the
     Engine compiles (no per-block wrapper; first compiles take minutes: see _compile_kind); "+fa8":
     self-attention through the FP8 attention prototype (quantization/attention.py); "+qkv": this
     variant's copy of the model gets diffusers' fuse_qkv_projections() before quantization (one GEMM
     for q/k/v; --fuse-qkv does it for every variant)."""
     name, *opts = variant.split("+")
-    valid = ("fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "whole", "ro", "fa8", "qkv")
+    valid = ("fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "tmaauto", "whole", "ro", "fa8", "qkv")
     unknown = set(opts) - set(valid)
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; valid: " + ", ".join("+" + o for o in valid))
     if "ro" in opts and ("graph" in opts or "whole" in opts):
         raise ValueError(f"{variant}: +ro is whole-model compile with CUDA-graph trees; it takes no +graph or +whole")
-    triton_ops.COMPILED_INT8_KERNEL = "classic" if "classic" in opts else _DEFAULT_INT8_KERNEL
+    triton_ops.COMPILED_INT8_KERNEL = ("classic" if "classic" in opts else "auto" if "tmaauto" in opts
+                                      else _DEFAULT_INT8_KERNEL)
     _FUSE[0] = "nofuse" not in opts
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]

@@ -105,7 +105,8 @@ def test_variant_options_parse():
     assert bench._knobs("fp8+nofuse+graph") == "fp8" and bench._FUSE[0] is False
     assert bench._knobs("int8+classic") == "int8" and bench.triton_ops.COMPILED_INT8_KERNEL == "classic"
     assert bench._knobs("int8") == "int8" and bench._FUSE[0] is True
-    assert bench.triton_ops.COMPILED_INT8_KERNEL == "auto"
+    assert bench.triton_ops.COMPILED_INT8_KERNEL == "capture"  # the library's default
+    assert bench._knobs("int8+tmaauto") == "int8" and bench.triton_ops.COMPILED_INT8_KERNEL == "auto"
     assert bench._mode("bf16+graph", True) == "compiled (regional) + CUDA graph"
     assert bench._mode("fp8", False) == "eager"
     assert bench._mode("fp8+whole", True) == "compiled (whole model)"

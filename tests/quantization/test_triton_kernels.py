@@ -256,6 +256,57 @@ def test_tma_gemm_every_config(fmt, m, k, n, rng):
             assert torch.equal(out, classic), cfg
 
 
+def test_capture_choice_policy():
+    """The compiled int8 path's kernel policy (triton_ops.COMPILED_INT8_KERNEL = "capture"): TMA only
+    inside a CUDA-graph capture and only once tuned; tuning happens outside a capture, once."""
+    assert triton_ops.COMPILED_INT8_KERNEL == "capture"
+    choice = triton_ops.capture_choice
+    assert choice(capturing=True, tma_applies=True, tuned=True) == ("tma", False)
+    assert choice(capturing=True, tma_applies=True, tuned=False) == ("classic", False)  # no timing in a capture
+    assert choice(capturing=False, tma_applies=True, tuned=False) == ("classic", True)
+    assert choice(capturing=False, tma_applies=True, tuned=True) == ("classic", False)
+    for capturing in (True, False):
+        assert choice(capturing=capturing, tma_applies=False, tuned=False) == ("classic", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", [(4224, 3072, 3072), (1100, 2064, 1544), (40, 3072, 3072)])
+def test_capture_kernel_choice_inside_and_outside_cuda_graphs(m, k, n, rng):
+    """kernel="capture" (the compiled int8 path's default): outside a CUDA-graph capture the classic
+    kernel runs and the TMA kernel gets tuned for the shape; inside a capture the tuned TMA kernel is
+    recorded (M <= 64 stays classic). Int8 output bit-identical to the classic kernel both ways, also
+    when the graph is replayed on new inputs."""
+    require_cuda((9, 0))
+    from diffquant.quantization.kernels import triton_gemm
+
+    def operands():
+        x = (torch.randn(m, k, generator=rng) * 3).to(torch.bfloat16).cuda()
+        w = (torch.randn(n, k, generator=rng) / k**0.5).cuda()
+        return (*REF["int8"](x), *REF["int8"](w), torch.randn(n, generator=rng).to(torch.bfloat16).cuda())
+
+    xq, xs, wq, ws, b = operands()
+    eager = triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b, torch.bfloat16, kernel="capture")
+    assert torch.equal(eager, triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b, torch.bfloat16, kernel="classic"))
+    tma = m > 64
+    assert (triton_gemm._tma_key(xq, wq, b, torch.bfloat16) in triton_gemm._TMA_TUNED) == tma
+    chosen = []
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b, torch.bfloat16, kernel="capture")  # warm-up, as graphs do
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        chosen.append(triton_gemm._capture_choice(xq, xs, wq, ws, b, torch.bfloat16))
+        out = triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b, torch.bfloat16, kernel="capture")
+    assert chosen == ["tma" if tma else "classic"]
+    new = operands()
+    for dst, src in zip((xq, xs, wq, ws, b), new, strict=True):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, triton_gemm.w8a8_scaled_mm(*new, torch.bfloat16, kernel="classic"))
+
+
 @pytest.mark.gpu
 def test_gemm_kernel_choice_is_checked(rng):
     """A kernel name outside the choices, or kernel="tma" on operands TMA cannot describe, is a
@@ -268,7 +319,7 @@ def test_gemm_kernel_choice_is_checked(rng):
     assert not triton_gemm.tma_ok(xq, wq, torch.bfloat16)
     with pytest.raises(ValueError, match="multiples of 16"):
         triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, None, kernel="tma")
-    with pytest.raises(ValueError, match="'auto', 'tma' or 'classic'"):
+    with pytest.raises(ValueError, match="one of auto, tma, classic, capture"):
         triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, None, kernel="cutlass")
     _check_budget(triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, None), xq, xs, wq, ws, None)  # auto: classic
 

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from diffquant.quantization.kernels.triton_launch import LaunchCache, spec_key
+from diffquant.quantization.kernels.triton_ops import capture_choice
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -46,6 +47,7 @@ _SMALL_M_CONFIGS = [
     _cfg(64, 128, 128, 4, 4, 1),
 ]
 _SMALL_M = 64
+KERNELS = ("auto", "tma", "classic", "capture")
 _TUNED: dict[tuple, tuple] = {}  # (small, M bucket, N, K, arg spec) -> (constexprs, num_warps, num_stages)
 _LAUNCHES = LaunchCache()
 logger = logging.getLogger("diffquant")
@@ -188,11 +190,17 @@ def w8a8_scaled_mm(
 ) -> torch.Tensor:
     """xq: [M, K] int8|fp8, x_scale: [M, 1] f32, wq: [N, K] same dtype, w_scale: [N, 1] or [] f32,
     bias: [N] or None -> [M, N] out_dtype. kernel: "auto" (the persistent TMA kernel on Hopper for
-    M > 64 when the operands suit TMA, else the classic one), "tma" or "classic"."""
-    if kernel not in ("auto", "tma", "classic"):
-        raise ValueError(f"w8a8_scaled_mm: kernel must be 'auto', 'tma' or 'classic', got {kernel!r}")
+    M > 64 when the operands suit TMA, else the classic one), "tma", "classic", or "capture": the TMA
+    kernel while a CUDA graph is being captured (no host work per replay, so its faster GPU time
+    counts) and the classic one otherwise (no host-side TMA descriptors per call). A "capture" call
+    outside a capture also tunes the TMA kernel for its shape, once, so a later capture never tunes
+    (timing inside a capture is not allowed); an untuned shape inside a capture takes the classic one."""
+    if kernel not in KERNELS:
+        raise ValueError(f"w8a8_scaled_mm: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if xq.stride(-1) != 1:
         xq = xq.contiguous()
+    if kernel == "capture":
+        kernel = _capture_choice(xq, x_scale, wq, w_scale, bias, out_dtype)
     if kernel == "tma" and not (xq.is_cuda and _tma_supported(xq.device.index)):
         raise ValueError("w8a8_scaled_mm: kernel='tma' needs a Hopper (SM90+) GPU and a Triton with tensor "
                          "descriptors; use kernel='auto' or 'classic'")
@@ -202,6 +210,18 @@ def w8a8_scaled_mm(
     if kernel == "tma" or (kernel == "auto" and _use_tma(xq, wq, out_dtype)):
         return _tma_tuned(xq, x_scale, wq, w_scale, bias, out_dtype)
     return _classic(xq, x_scale, wq, w_scale, bias, out_dtype)
+
+
+def _capture_choice(xq, x_scale, wq, w_scale, bias, out_dtype) -> str:
+    applies = _use_tma(xq, wq, out_dtype)  # False off CUDA, where capture cannot even be asked about
+    capturing = applies and torch.cuda.is_current_stream_capturing()
+    kernel, tune = capture_choice(capturing, applies, _tma_key(xq, wq, bias, out_dtype) in _TMA_TUNED)
+    if tune:
+        _tma_tuned(xq, x_scale, wq, w_scale, bias, out_dtype)  # the result is dropped: this call runs classic
+        logger.info("W8A8 GEMM M~%d N=%d K=%d: classic Triton kernel outside CUDA graphs, the persistent TMA "
+                    "kernel inside their capture (kernel='capture')", _m_bucket(xq.shape[0]), wq.shape[0],
+                    xq.shape[1])
+    return kernel
 
 
 def _classic(xq, x_scale, wq, w_scale, bias, out_dtype):
@@ -281,9 +301,13 @@ _TMA_AUTOTUNE = [TMA_CONFIGS[i] for i in (2, 5, 6, 1)]
 _TMA_TUNED: dict[tuple, tuple] = {}  # (M bucket, N, K, dtype, bias?, out dtype) -> best TMA config
 
 
+def _tma_key(xq, wq, bias, out_dtype) -> tuple:
+    return (_m_bucket(xq.shape[0]), wq.shape[0], xq.shape[1], xq.dtype, bias is not None, out_dtype)
+
+
 def _tma_tuned(xq, x_scale, wq, w_scale, bias, out_dtype):
     """The TMA kernel with the fastest of _TMA_AUTOTUNE for this shape class, timed on first use."""
-    key = (_m_bucket(xq.shape[0]), wq.shape[0], xq.shape[1], xq.dtype, bias is not None, out_dtype)
+    key = _tma_key(xq, wq, bias, out_dtype)
     cfg = _TMA_TUNED.get(key)
     if cfg is None:
         def time_of(c):

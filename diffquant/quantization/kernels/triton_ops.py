@@ -42,12 +42,24 @@ FP8_FAST_ACCUM = True
 # away from eager) or "kernel" (our bit-exact custom op, opaque to inductor). Both pass the GPU
 # compile test; "inductor" measured 4.4 ms faster per FLUX.1-dev forward (benchmarks/NOTES.md run 4).
 COMPILED_QUANT = "inductor"
-# Which Triton int8 GEMM the custom op (the compiled path) runs: "auto" (the persistent TMA kernel on
-# Hopper for M > 64: faster on the GPU, but three host-side TMA descriptors per call) or "classic".
-# FLUX.1-dev, run 7a: default compile mode 148.9 ms auto vs 124.5 classic (host-bound either way, bf16
-# 132.4); with CUDA graphs (no host work) auto 100.4 ms, classic not measured there. Kept "auto": the
-# CUDA-graph mode is the one that reaches the target.
-COMPILED_INT8_KERNEL = "auto"
+# Which Triton int8 GEMM the custom op (the compiled path) runs (triton_gemm.w8a8_scaled_mm's kernel):
+# "auto" (the persistent TMA kernel on Hopper for M > 64: faster on the GPU, but three host-side TMA
+# descriptors per call), "classic", or "capture": TMA while a CUDA graph is captured, classic otherwise.
+# FLUX.1-dev, run 7a, same run: default compile mode (host-bound) 148.9 ms with TMA vs 124.5 classic
+# (bf16 132.4); CUDA graphs (no host work) 100.4 ms with TMA. "capture" gives each mode the kernel
+# measured faster there (int8 results are bit-identical between the two kernels).
+COMPILED_INT8_KERNEL = "capture"
+
+
+def capture_choice(capturing: bool, tma_applies: bool, tuned: bool) -> tuple[str, bool]:
+    """kernel="capture": (the kernel to run, whether to tune the TMA kernel for this shape first).
+    Inside a CUDA-graph capture the TMA kernel if it is already tuned (timing is not allowed there);
+    outside, the classic kernel, after tuning the TMA one once for a later capture."""
+    if not tma_applies:
+        return "classic", False
+    if capturing:
+        return ("tma" if tuned else "classic"), False
+    return "classic", not tuned
 
 
 # Whether triton is installed (found, not imported: importing diffquant stays free of triton and
