@@ -298,8 +298,8 @@ class Engine:
         methods = {getattr(self.plan.get(name), "method", None) for name in self.info.transformers}
         if self.compile_mode == "default" and self.device.type == "cuda" and methods & {"fp8", "int8"}:
             out.append("fp8/int8 under torch.compile's default mode depend on host speed (FLUX.1-dev on an H200: "
-                       "fp8 1.25-1.37x, int8 0.89x bf16); compile='reduce-overhead' replays CUDA graphs "
-                       "(fp8 1.43x, int8 1.33x there)")
+                       "fp8 1.25-1.37x, int8 0.89-1.06x bf16); compile='reduce-overhead' replays CUDA graphs "
+                       "(fp8 1.40-1.43x, int8 1.32-1.33x there)")
         return out
 
     def __repr__(self) -> str:
