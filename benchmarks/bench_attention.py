@@ -73,6 +73,8 @@ def _variants(q, k, v):
                lambda bm=bm, bn=bn, w=w, st=st: ta.fp8_attention(q, k, v, block_m=bm, block_n=bn, warps=w, stages=st))
     yield "fp8 quantize_qkv alone", None, lambda: ta.quantize_qkv(q, k, v)
     yield "fp8 quantize Q alone (per 128-row block)", None, lambda: ta.quantize_rows_blocked(q, 128)
+    yield "fp8 quantize Q alone, div_rn (the old division)", None, \
+        lambda: ta.quantize_rows_blocked(q, 128, rcp_div=False)
     yield "fp8 quantize V alone (amax + transposed codes)", None, lambda: ta.quantize_channels_transposed(v)
     quantized = ta.quantize_qkv(q, k, v)
     sm_scale = q.shape[-1] ** -0.5

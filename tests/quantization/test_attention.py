@@ -64,13 +64,21 @@ def test_spec_attention_matches_sdpa_within_quantization_error(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [128, 300, 4608])
-def test_qkv_quantization_kernels_bit_exact(n, rng):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rcp_div", [None, False])
+def test_qkv_quantization_kernels_bit_exact(n, dtype, rcp_div, rng):
+    """The quantizers' codes and scales equal the spec's bit for bit, with the reciprocal division
+    (the default for bf16 / fp16) and with div_rn; magnitudes from 2^-20 to 2^10, zeros and -0."""
     require_cuda((8, 9))
     from diffquant.quantization.kernels import triton_attention as ta
 
-    q, k, v = _qkv(1, 3, n, 128, rng, "cuda")
+    q, k, v = (x * 2.0 ** torch.randint(-20, 11, (1, 3, 1, 1), generator=rng).to("cuda", x.dtype)
+               for x in _qkv(1, 3, n, 128, rng, "cuda", dtype))
+    q[0, 0, :7] = 0.0
+    v[0, 1, :, 5] = -0.0
     k = k.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] storage, as diffusers passes it
-    qc, sq, kc, sk, vct, sv = ta.quantize_qkv(q, k, v, 128, 64)
+    (qc, sq), (kc, sk) = (ta.quantize_rows_blocked(x, blk, rcp_div=rcp_div) for x, blk in ((q, 128), (k, 64)))
+    vct, sv = ta.quantize_channels_transposed(v, rcp_div=rcp_div)
     for codes, scales, x, block in ((qc, sq, q, 128), (kc, sk, k, 64)):
         rc, rs = na.fp8_quantize_rows_blocked(x, block)
         assert torch.equal(scales, rs) and torch.equal(codes.view(torch.uint8), rc.view(torch.uint8))

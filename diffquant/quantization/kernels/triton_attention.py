@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffquant.quantization.kernels.triton_quant import _RCP_MIN_SCALE, _RINT, _quotient, _row_rcp
+
 FP8_MAX = 448.0
 P_SCALE = 256.0
 LOG2E = 1.4426950408889634
@@ -52,13 +54,33 @@ def _row_tile(x_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK: tl.constexpr, D: tl.conste
 
 
 @triton.jit
+def _quotient_cols(x, scale, RCP_DIV: tl.constexpr):
+    """x [R, D] / scale [D], column by column, = div_rn. RCP_DIV: through each column's reciprocal
+    with triton_quant's one-fma correction (proven equal to div_rn's fp8 codes for every bf16 / fp16
+    (amax, x) pair by tests/quantization/test_kernel_math.py) when no scale is below its floor (one
+    uniform branch per program)."""
+    s = tl.broadcast_to(scale[None, :], x.shape)
+    if RCP_DIV:
+        if tl.min(scale, axis=0) >= _RCP_MIN_SCALE:
+            r = tl.broadcast_to(tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[None, :], x.shape)
+            q = x * r
+            q = tl.fma(tl.fma(q, s, -x), -r, q)
+        else:
+            q = tl.div_rn(x, s)
+    else:
+        q = tl.div_rn(x, s)
+    return q
+
+
+@triton.jit
 def _quant_row_blocks_kernel(x_ptr, c_ptr, s_ptr, H, N, NB, sxb, sxh, sxn, sxd,
-                             BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
-    """Q / K: one scale per BLOCK rows of one (batch, head); codes contiguous [B, H, N, D]."""
+                             BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr, RCP_DIV: tl.constexpr):
+    """Q / K: one scale per BLOCK rows of one (batch, head); codes contiguous [B, H, N, D]. RCP_DIV:
+    the division through the block's reciprocal (triton_quant._quotient: the same codes as div_rn)."""
     x, rows, cols, m, bh = _row_tile(x_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK, D)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full((), 448.0, tl.float32)), 1.0)
-    codes = _to_codes(tl.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * scale), CODES)
+    codes = _to_codes(_quotient(x, tl.full(x.shape, 1.0, tl.float32) * scale, _row_rcp(scale, RCP_DIV)), CODES)
     tl.store(c_ptr + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], codes, mask=m)
     tl.store(s_ptr + bh * NB + tl.program_id(0), scale)
 
@@ -72,12 +94,12 @@ def _channel_amax_kernel(x_ptr, amax_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK: tl.co
 
 @triton.jit
 def _quant_v_kernel(x_ptr, amax_ptr, ct_ptr, s_ptr, H, N, SCT, sxb, sxh, sxn, sxd,
-                    BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr):
+                    BLOCK: tl.constexpr, D: tl.constexpr, CODES: tl.constexpr, RCP_DIV: tl.constexpr):
     """V codes, transposed: ct[b, h, d, n] = v[b, h, n, d] / scale[b, h, d] (ct rows SCT apart)."""
     x, rows, cols, m, bh = _row_tile(x_ptr, H, N, sxb, sxh, sxn, sxd, BLOCK, D)
     amax = tl.load(amax_ptr + bh * D + cols)
     scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
-    codes = _to_codes(tl.div_rn(x, tl.broadcast_to(scale[None, :], x.shape)), CODES)
+    codes = _to_codes(_quotient_cols(x, scale, RCP_DIV), CODES)
     tl.store(ct_ptr + (bh.to(tl.int64) * D + cols[None, :]) * SCT + rows[:, None], codes, mask=m)
     if tl.program_id(0) == 0:
         tl.store(s_ptr + bh * D + cols, scale)
@@ -126,18 +148,27 @@ def _attn_fwd_kernel(q_desc, k_desc, vt_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, km_
              out.to(o_ptr.dtype.element_ty), mask=(rows < N)[:, None])
 
 
-def quantize_rows_blocked(x: torch.Tensor, block: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q or K: [B, H, N, D] (any strides) -> codes [B, H, N, D] contiguous, scales [B, H, ceil(N / block)]."""
+def _rcp_div(x: torch.Tensor, rcp_div: bool | None) -> bool:
+    """The reciprocal division (proven exact for bf16 / fp16 inputs only) unless the caller says."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and _RINT) if rcp_div is None else rcp_div
+
+
+def quantize_rows_blocked(x: torch.Tensor, block: int, codes: bool = True,
+                          rcp_div: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q or K: [B, H, N, D] (any strides) -> codes [B, H, N, D] contiguous, scales [B, H, ceil(N / block)].
+    rcp_div overrides the division's form (benchmarks; both give the same codes)."""
     bsz, heads, n, d = x.shape
     nb = triton.cdiv(n, block)
     c = torch.empty((bsz, heads, n, d), device=x.device, dtype=torch.float8_e4m3fn if codes else torch.float32)
     s = torch.empty((bsz, heads, nb), device=x.device, dtype=torch.float32)
     _quant_row_blocks_kernel[(nb, bsz * heads)](x, c, s, heads, n, nb, *x.stride(), BLOCK=block, D=d, CODES=codes,
+                                                RCP_DIV=_rcp_div(x, rcp_div),
                                                 num_warps=8)  # 4 warps spill a 128 x 128 tile (sm_90 compile)
     return c, s
 
 
-def quantize_channels_transposed(v: torch.Tensor, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_channels_transposed(v: torch.Tensor, codes: bool = True,
+                                 rcp_div: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """V: [B, H, N, D] (any strides) -> codes transposed [B, H, D, N] (rows padded to 16 bytes: TMA
     strides; a view of the first N), per-channel scales [B, H, D]. Two passes: amax, then codes."""
     bsz, heads, n, d = v.shape
@@ -148,7 +179,7 @@ def quantize_channels_transposed(v: torch.Tensor, codes: bool = True) -> tuple[t
     vct = torch.empty((bsz, heads, d, triton.cdiv(n, 16) * 16), device=v.device, dtype=dt)[..., :n]
     sv = torch.empty((bsz, heads, d), device=v.device, dtype=torch.float32)
     _quant_v_kernel[(nb, bsz * heads)](v, amax, vct, sv, heads, n, vct.stride(2), *v.stride(), BLOCK=64, D=d,
-                                       CODES=codes)
+                                       CODES=codes, RCP_DIV=_rcp_div(v, rcp_div))
     return vct, sv
 
 
