@@ -24,6 +24,11 @@ run_lane() {  # lane index, spec
 
 lane=0
 for spec in "$@"; do
+  # Eager rows are host-bound: say so in the log when a lane times them beside another lane.
+  if [ $# -gt 1 ] && [[ " $spec " =~ \ (model|eager)\  ]] && [[ "$spec" != *'EAGER_VARIANTS=" "'* ]]; then
+    echo "WARNING: lane $lane times eager (host-bound) variants beside another lane; its eager rows are not" \
+         "comparable with single-lane runs (benchmarks/NOTES.md run 8d)" | tee -a "$OUT/lanes_warning.txt"
+  fi
   (run_lane $lane "$spec") > "$OUT/g$lane.log" 2>&1 &
   lane=$(( lane + 1 ))
 done
