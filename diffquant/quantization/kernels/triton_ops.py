@@ -12,8 +12,8 @@ On CUDA they run the Triton kernels (`triton_quant`, `triton_gemm`, imported on 
 importing diffquant needs neither triton nor a GPU); on any other device they run the reference
 numerics, so the op path traces and runs on CPU too. FP8 GEMMs go through `torch._scaled_mm`
 (cuBLASLt, row-wise scales, bias in the epilogue, fast accumulation: FP8_FAST_ACCUM) unless
-`FP8_GEMM` says "triton"; int8 GEMMs through triton_gemm (the persistent TMA kernel under compile
-on Hopper, the classic one in eager mode).
+`FP8_GEMM` says "triton"; int8 GEMMs through triton_gemm (under compile the persistent TMA kernel
+inside CUDA-graph capture on Hopper, else the classic one: COMPILED_INT8_KERNEL; eager: classic).
 In eager mode the Python wrappers are called directly (no dispatcher round trip per layer).
 """
 
