@@ -20,7 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from diffquant.quantization.kernels.triton_quant import _RCP_MIN_SCALE, _RINT, _quotient, _row_rcp
+from diffquant.quantization.kernels.triton_quant import (
+    _RCP_MIN_SCALE,
+    _markstein,
+    _quotient,
+    _row_rcp,
+    rcp_div_default,
+)
 
 FP8_MAX = 448.0
 P_SCALE = 256.0
@@ -63,8 +69,7 @@ def _quotient_cols(x, scale, RCP_DIV: tl.constexpr):
     if RCP_DIV:
         if tl.min(scale, axis=0) >= _RCP_MIN_SCALE:
             r = tl.broadcast_to(tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[None, :], x.shape)
-            q = x * r
-            q = tl.fma(tl.fma(q, s, -x), -r, q)
+            q = _markstein(x, s, r)
         else:
             q = tl.div_rn(x, s)
     else:
@@ -149,8 +154,7 @@ def _attn_fwd_kernel(q_desc, k_desc, vt_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, km_
 
 
 def _rcp_div(x: torch.Tensor, rcp_div: bool | None) -> bool:
-    """The reciprocal division (proven exact for bf16 / fp16 inputs only) unless the caller says."""
-    return (x.dtype in (torch.bfloat16, torch.float16) and _RINT) if rcp_div is None else rcp_div
+    return rcp_div_default(x.dtype) if rcp_div is None else rcp_div
 
 
 def quantize_rows_blocked(x: torch.Tensor, block: int, codes: bool = True,

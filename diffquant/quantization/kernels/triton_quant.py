@@ -82,6 +82,15 @@ def _row_rcp(scale, RCP_DIV: tl.constexpr):
 
 
 @triton.jit
+def _markstein(x, scale, rcp):
+    """x / scale from rcp = RN(1 / scale) (shapes broadcast): q = x * rcp, then one fma correction
+    q + (x - q * scale) * rcp, written as q + (q * scale - x) * (-rcp) so that x = -0 gives -0
+    however `-x` is lowered (see `_quotient`). The one copy of this formula."""
+    q = x * rcp
+    return tl.fma(tl.fma(q, scale, -x), -rcp, q)
+
+
+@triton.jit
 def _quotient(x, scale, rcp):
     """x / scale. rcp > 0 (the row's RN(1 / scale), a uniform branch): q = x * rcp, then one fma
     correction q + (x - q * scale) * rcp (Markstein; the residual is exact in an fma). It is
@@ -90,9 +99,8 @@ def _quotient(x, scale, rcp):
     that way in two other forms, the only codes that differed). The exhaustive GPU test finds it
     equal to div_rn for every bf16 / fp16 pair whose quotient is >= 2^-30, and the codes equal for
     every pair. rcp == 0: div_rn. scale broadcasts to x's shape."""
-    if rcp > 0.0:
-        q = x * rcp
-        q = tl.fma(tl.fma(q, scale, -x), -rcp, q)
+    if rcp > 0.0:  # noqa: SIM108 (a uniform runtime branch: a ternary would compute both sides)
+        q = _markstein(x, scale, rcp)
     else:
         q = tl.div_rn(x, scale)
     return q
@@ -348,6 +356,12 @@ ACT_CHUNK, ACT_WARPS = 2048, 8
 ACT_TANH, ACT_RCP_DIV = TANH_SELECT, True
 
 
+def rcp_div_default(dtype: torch.dtype) -> bool:
+    """Whether a kernel divides through the reciprocal (`_quotient`) by default: proven equal in codes
+    to div_rn for bf16 / fp16 inputs only, and not in the CPU interpreter (unfused fma)."""
+    return dtype in (torch.bfloat16, torch.float16) and _RINT and ACT_RCP_DIV
+
+
 def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: str, fmt: str,
                            chunk: int | None = None, warps: int | None = None, monotone: bool | None = None,
                            tanh: int | None = None, rcp_div: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,7 +386,7 @@ def act_quantize_per_token(x: torch.Tensor, prefix: torch.Tensor | None, act: st
     p_arg = prefix if prefix is not None else x
     half = x.dtype in (torch.bfloat16, torch.float16)
     mono = half if monotone is None else monotone
-    rcp_div = (half and _RINT and ACT_RCP_DIV) if rcp_div is None else rcp_div
+    rcp_div = rcp_div_default(x.dtype) if rcp_div is None else rcp_div
     tanh = (ACT_TANH if _RINT else TANH_FORMULA) if tanh is None else tanh
     args = (p_arg, x, q, scale, kp, kx, p_arg.stride(0), x.stride(0), q.stride(0),
             INT8_MAX if is_int8 else FP8_MAX, is_int8, prefix is not None, chunk or ACT_CHUNK, mono, _RINT,
