@@ -37,13 +37,14 @@ from benchmarks.common import environment, md_table, sqnr_db, time_cuda, write_r
 from diffquant.engine.models import keep_patterns  # noqa: E402
 from diffquant.quantization import quantize_  # noqa: E402
 from diffquant.quantization.attention import use_fp8_attention  # noqa: E402
-from diffquant.quantization.kernels import triton_ops  # noqa: E402
+from diffquant.quantization.kernels import triton_launch, triton_ops  # noqa: E402
 from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
 
 GB = 1e9
 _DEFAULT_FAST_ACCUM = triton_ops.FP8_FAST_ACCUM
 _DEFAULT_COMPILED_QUANT = triton_ops.COMPILED_QUANT
 _DEFAULT_INT8_KERNEL = triton_ops.COMPILED_INT8_KERNEL
+_DEFAULT_DIRECT_LAUNCH = triton_launch.ENABLED
 
 
 def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512, **overrides) -> dict:
@@ -76,8 +77,9 @@ def flux_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512, **o
 
     return dict(
         build=build, inputs=inputs, blocks=("transformer_blocks", "single_transformer_blocks"),
-        sqnr_blocks=("transformer_blocks.0", f"transformer_blocks.{cfg['num_layers'] - 1}",
-                     "single_transformer_blocks.0", f"single_transformer_blocks.{cfg['num_single_layers'] - 1}"),
+        sqnr_blocks=tuple(dict.fromkeys((  # distinct names (a --config of one block names it twice)
+            "transformer_blocks.0", f"transformer_blocks.{cfg['num_layers'] - 1}",
+            "single_transformer_blocks.0", f"single_transformer_blocks.{cfg['num_single_layers'] - 1}"))),
         # DESIGN decision 8: modulation, embedders, norm_out and the final proj_out stay bf16
         # (the engine's FLUX profile; torchao gets the same layer filter).
         keep=keep_patterns("flux1-dev"),
@@ -177,12 +179,13 @@ def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...
     if variant.partition("-")[0] in ("fp8", "int8"):
         method, _, backend = variant.partition("-")
         backend = "triton" if backend in ("inductor", "kernel") else backend
-        report = quantize_(model, {"method": method, "backend": backend or "auto", "fuse_activations": _FUSE[0]},
+        report = quantize_(model, {"method": method, "backend": backend or "auto", **_QUANT_EXTRA},
                            keep_high_precision=keep)
         backends = sorted({layer.backend for layer in report.quantized})
         fused = sum(f.fused for f in report.fusions)
+        qkv = sum(f.fused for f in report.projections)
         return (f"diffquant {method}: {len(report.quantized)} layers on {','.join(backends)}, {len(report.kept)} kept, "
-                f"{fused} activations fused")
+                f"{fused} activations fused, q/k/v fused in {qkv} attention modules")
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int8DynamicActivationInt8WeightConfig,
@@ -302,7 +305,7 @@ def _free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-_FUSE = [True]  # set per variant by _knobs
+_QUANT_EXTRA: dict = {}  # quantize_ options, set per variant by _knobs
 _PROFILE_TIMED: set[str] = set()  # --profile-timed: variants profiled right after their timing
 TIMED_PROFILES: dict[str, str] = {}
 
@@ -354,9 +357,13 @@ def _knobs(variant: str) -> str:
     Engine compiles (no per-block wrapper; first compiles take minutes: see _compile_kind); "+fa8":
     self-attention through the FP8 attention prototype (quantization/attention.py); "+qkv": this
     variant's copy of the model gets diffusers' fuse_qkv_projections() before quantization (one GEMM
-    for q/k/v; --fuse-qkv does it for every variant)."""
+    for q/k/v, the parts kept beside it; --fuse-qkv does it for every variant: for torchao and bf16,
+    since diffquant's fp8 / int8 fuse quantized q/k/v by default, quantization/qkv.py); "+noqkv":
+    diffquant's quantize_ with fuse_qkv=False; "+dl": direct launches of our compiled Triton kernels
+    in eager mode (triton_launch.ENABLED, off by default)."""
     name, *opts = variant.split("+")
-    valid = ("fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "tmaauto", "whole", "ro", "fa8", "qkv")
+    valid = ("fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "tmaauto", "whole", "ro", "fa8", "qkv",
+             "noqkv", "dl")
     unknown = set(opts) - set(valid)
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; valid: " + ", ".join("+" + o for o in valid))
@@ -364,7 +371,8 @@ def _knobs(variant: str) -> str:
         raise ValueError(f"{variant}: +ro is whole-model compile with CUDA-graph trees; it takes no +graph or +whole")
     triton_ops.COMPILED_INT8_KERNEL = ("classic" if "classic" in opts else "auto" if "tmaauto" in opts
                                       else _DEFAULT_INT8_KERNEL)
-    _FUSE[0] = "nofuse" not in opts
+    _QUANT_EXTRA.update(fuse_activations="nofuse" not in opts, fuse_qkv=False if "noqkv" in opts else None)
+    triton_launch.ENABLED = True if "dl" in opts else _DEFAULT_DIRECT_LAUNCH
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]
     triton_ops.COMPILED_QUANT = suffix if suffix in ("inductor", "kernel") else _DEFAULT_COMPILED_QUANT
@@ -484,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="*", default=["bf16", "fp8", "int8", "ao-fp8", "ao-int8"])
     ap.add_argument("--compile", nargs="*", default=[], help="variants to also time with regional compile")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--config", nargs="*", default=[], metavar="KEY=INT",
+                    help="override integer fields of the model config, e.g. num_layers=1 num_single_layers=2 "
+                         "(a few blocks: fast compiles for kernel-level A/B runs)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--fuse-qkv", action="store_true",
                     help="diffusers fuse_qkv_projections() on the bf16 model first (all variants share it)")
@@ -503,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.triton.multi_kernel = 1
-    spec = SPECS[args.model]()
+    spec = SPECS[args.model](**_config_overrides(args.config))
     dev = "cuda"
     with torch.device(dev):
         base = spec["build"]().to(torch.bfloat16).eval()  # fp32 init on the GPU, then bf16
@@ -540,6 +551,16 @@ def main(argv: list[str] | None = None) -> None:
     _report(args, spec, env, rows, profiles, echo=True)
 
 
+def _config_overrides(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--config takes KEY=INT, got {item!r}")
+        out[key] = int(value)
+    return out
+
+
 def _report(args, spec, env, rows, profiles, echo=False):
     for mode in {r["mode"] for r in rows}:
         base_row = next((r for r in rows if r["variant"].partition("+")[0] == "bf16" and r["mode"] == mode
@@ -550,6 +571,7 @@ def _report(args, spec, env, rows, profiles, echo=False):
     cols = ["variant", "mode", "ms", "speedup_vs_bf16_same_mode", "weights_GB", "peak_GB", "sqnr_min_db",
             "sqnr_mean_db", "first_call_s", "quantization", "error"]
     fused = ", q/k/v projections fused (fuse_qkv_projections)" if args.fuse_qkv else ""
+    fused += f", config {' '.join(args.config)}" if args.config else ""
     md = (f"# bench_transformer {args.model} ({spec['shape']}{fused})\n\n`{env['command']}`\n\ncommit {env['commit']}, "
           f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, diffusers {env['diffusers']}, "
           f"torchao {env['torchao']}; median of {args.reps} forwards (CUDA events) after warm-up. "
@@ -559,7 +581,7 @@ def _report(args, spec, env, rows, profiles, echo=False):
         title = v if v.endswith("(compiled)") else f"{v} (eager)"
         md += f"\n## torch.profiler top CUDA kernels, {title}\n\n```\n{text}\n```\n"
     name = f"bench_transformer_{args.model}{('_' + args.tag) if args.tag else ''}"
-    data = dict(env=env, spec=spec["shape"], fuse_qkv=args.fuse_qkv, rows=rows, profiles=profiles)
+    data = dict(env=env, spec=spec["shape"], config=args.config, fuse_qkv=args.fuse_qkv, rows=rows, profiles=profiles)
     path = write_results(name, data, md, args.out)
     if echo:
         print(md)
@@ -571,7 +593,7 @@ _CATEGORIES = [  # (category, name fragments), first match wins; inductor's kern
     ("inductor pointwise", ("triton_poi",)),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "w8a8", "matmul")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
-    ("quantize (ours)", ("_quant_rows", "_quant_long_rows")),
+    ("quantize (ours)", ("_quant_rows", "_quant_long_rows", "_act_quant")),
     ("aten elementwise / norm / copy (eager)", ("at::native",)),
 ]
 
@@ -615,7 +637,7 @@ def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
 
 
 def _profile_text(prof) -> str:
-    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=100)
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=160)
     return text + "\n" + kernel_categories(prof.key_averages())
 
 

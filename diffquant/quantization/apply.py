@@ -12,6 +12,7 @@ from diffquant.quantization.fusion import fuse_activations
 from diffquant.quantization.kernels import LinearScheme
 from diffquant.quantization.layers import QuantLinear
 from diffquant.quantization.patterns import LayerMatcher, check_all_match
+from diffquant.quantization.qkv import fuse_qkv_projections
 from diffquant.quantization.report import LayerReport, QuantizeReport
 
 
@@ -59,7 +60,8 @@ def quantize_(
     """Quantize `module`'s nn.Linear layers in place, one layer at a time on its own device.
 
     config: anything `build_quant_config` accepts for a single method (fp8 / int8: fuse_activations,
-    default on, also moves GELUs feeding a quantized linear into its quantization kernel: fusion.py).
+    default on, also moves GELUs feeding a quantized linear into its quantization kernel: fusion.py;
+    fuse_qkv, default "where supported", makes one GEMM of each attention's q/k/v: qkv.py).
     keep_high_precision:
     patterns (architecture profiles feed them) for layers that stay high precision by default;
     unlike ignored_layers, a keep pattern that matches nothing is not an error. device: if given,
@@ -87,6 +89,9 @@ def quantize_(
                          f"({len(report.kept)} kept); nothing was quantized")
     if getattr(cfg, "fuse_activations", False):
         report.fusions = fuse_activations(module)
+    fuse_qkv = getattr(cfg, "fuse_qkv", False)
+    if fuse_qkv is not False:
+        report.projections = fuse_qkv_projections(module, required=fuse_qkv is True)
     return report
 
 

@@ -131,6 +131,9 @@ class Fp8Config(QuantizationConfig):
     backend: str = field(default="auto", metadata=_choices("auto", *METHOD_BACKENDS["fp8"]))
     # Move GELUs that feed a quantized linear into its activation quantization (quantization/fusion.py).
     fuse_activations: bool = field(default=True, metadata={"type": bool})
+    # One GEMM for the quantized q/k/v projections of attention modules whose diffusers processor
+    # supports it (quantization/qkv.py): None = wherever supported, True = required, False = never.
+    fuse_qkv: bool | None = field(default=None, metadata=_choices(None, True, False))
 
     def validate(self) -> None:
         static = self.activation_scheme == "static"
@@ -173,6 +176,7 @@ class Int8Config(QuantizationConfig):
     is_checkpoint_int8_serialized: bool = field(default=False, metadata={"type": bool})
     backend: str = field(default="auto", metadata=_choices("auto", *METHOD_BACKENDS["int8"]))
     fuse_activations: bool = field(default=True, metadata={"type": bool})  # as Fp8Config's
+    fuse_qkv: bool | None = field(default=None, metadata=_choices(None, True, False))  # as Fp8Config's
 
     def validate(self) -> None:
         if self.activation_scheme == "static":

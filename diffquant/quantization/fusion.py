@@ -40,6 +40,7 @@ class FusionReport:
     act: str
     fused: bool
     reason: str  # what was fused, or why not
+    merged: int = 0  # linear layers the fusion removed (q/k/v fusion: parts - fused layers)
 
 
 def _why_not_consumer(layer: nn.Module, kp: int, kx: int) -> str | None:

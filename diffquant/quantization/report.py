@@ -26,6 +26,7 @@ class QuantizeReport:
     method: str
     layers: list[LayerReport] = field(default_factory=list)
     fusions: list = field(default_factory=list)  # fusion.FusionReport per candidate pattern
+    projections: list = field(default_factory=list)  # fusion.FusionReport per attention module (qkv.py)
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -44,6 +45,12 @@ class QuantizeReport:
         return sum(r.bytes_after for r in self.layers)
 
     @property
+    def merged(self) -> int:
+        """Quantized layers that q/k/v fusion merged into others: the model holds
+        len(quantized) - merged QuantLinear modules."""
+        return sum(f.merged for f in self.projections)
+
+    @property
     def backends(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for r in self.quantized:
@@ -56,6 +63,9 @@ class QuantizeReport:
         backends = ", ".join(f"{k} x{v}" for k, v in sorted(self.backends.items())) or "none"
         fused = sum(f.fused for f in self.fusions)
         fusions = f"; {fused} of {len(self.fusions)} activations fused into quantization" if self.fusions else ""
+        if self.projections:
+            fusions += (f"; q/k/v fused in {sum(f.fused for f in self.projections)} of {len(self.projections)} "
+                        "attention modules")
         return (f"{self.method}: {len(self.quantized)} linear layers quantized, {len(self.kept)} kept; "
                 f"weights {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} ({ratio:.3f}x); "
                 f"backends: {backends}{fusions}")
@@ -64,7 +74,7 @@ class QuantizeReport:
         rows = [f"{'layer':<60} {'action':<9} {'backend':<16} reason"]
         for r in self.layers:
             rows.append(f"{r.name:<60} {r.action:<9} {r.backend or '-':<16} {r.reason}")
-        for f in self.fusions:
+        for f in self.fusions + self.projections:
             rows.append(f"{f.name:<60} {'fused' if f.fused else 'not fused':<9} {f.act:<16} {f.reason}")
         return "\n".join(rows)
 
@@ -74,4 +84,5 @@ class QuantizeReport:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "summary": self.summary(), "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after, "layers": [asdict(r) for r in self.layers],
-                "fusions": [asdict(f) for f in self.fusions]}
+                "fusions": [asdict(f) for f in self.fusions],
+                "projections": [asdict(f) for f in self.projections]}
