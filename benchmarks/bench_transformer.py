@@ -359,11 +359,11 @@ def _knobs(variant: str) -> str:
     variant's copy of the model gets diffusers' fuse_qkv_projections() before quantization (one GEMM
     for q/k/v, the parts kept beside it; --fuse-qkv does it for every variant: for torchao and bf16,
     since diffquant's fp8 / int8 fuse quantized q/k/v by default, quantization/qkv.py); "+noqkv":
-    diffquant's quantize_ with fuse_qkv=False; "+dl": direct launches of our compiled Triton kernels
-    in eager mode (triton_launch.ENABLED, off by default)."""
+    diffquant's quantize_ with fuse_qkv=False; "+nodl": our compiled Triton kernels launched through
+    Triton's own launch path in eager mode (triton_launch.ENABLED off; direct launches are the default)."""
     name, *opts = variant.split("+")
     valid = ("fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "tmaauto", "whole", "ro", "fa8", "qkv",
-             "noqkv", "dl")
+             "noqkv", "nodl")
     unknown = set(opts) - set(valid)
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; valid: " + ", ".join("+" + o for o in valid))
@@ -372,7 +372,7 @@ def _knobs(variant: str) -> str:
     triton_ops.COMPILED_INT8_KERNEL = ("classic" if "classic" in opts else "auto" if "tmaauto" in opts
                                       else _DEFAULT_INT8_KERNEL)
     _QUANT_EXTRA.update(fuse_activations="nofuse" not in opts, fuse_qkv=False if "noqkv" in opts else None)
-    triton_launch.ENABLED = True if "dl" in opts else _DEFAULT_DIRECT_LAUNCH
+    triton_launch.ENABLED = False if "nodl" in opts else _DEFAULT_DIRECT_LAUNCH
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]
     triton_ops.COMPILED_QUANT = suffix if suffix in ("inductor", "kernel") else _DEFAULT_COMPILED_QUANT

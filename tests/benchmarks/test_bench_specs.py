@@ -103,11 +103,11 @@ def test_fused_model_equals_unfused(name):
 def test_variant_options_parse():
     """Variant names carry knobs after "+": each sets its library knob; unknown ones are an error."""
     assert bench._knobs("fp8+nofuse+graph") == "fp8" and bench._QUANT_EXTRA["fuse_activations"] is False
-    assert bench._knobs("fp8+noqkv+dl") == "fp8" and bench._QUANT_EXTRA["fuse_qkv"] is False
-    assert bench.triton_launch.ENABLED is True
+    assert bench._knobs("fp8+noqkv+nodl") == "fp8" and bench._QUANT_EXTRA["fuse_qkv"] is False
+    assert bench.triton_launch.ENABLED is False
     assert bench._knobs("int8+classic") == "int8" and bench.triton_ops.COMPILED_INT8_KERNEL == "classic"
     assert bench._knobs("int8") == "int8" and bench._QUANT_EXTRA == {"fuse_activations": True, "fuse_qkv": None}
-    assert bench.triton_launch.ENABLED is False  # the library's default
+    assert bench.triton_launch.ENABLED is True  # the library's default
     assert bench.triton_ops.COMPILED_INT8_KERNEL == "capture"  # the library's default
     assert bench._knobs("int8+tmaauto") == "int8" and bench.triton_ops.COMPILED_INT8_KERNEL == "auto"
     assert bench._mode("bf16+graph", True) == "compiled (regional) + CUDA graph"

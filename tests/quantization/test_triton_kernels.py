@@ -190,6 +190,21 @@ def test_quantize_kernel_strided_rows(fmt, rng):
     _check_bit_exact(x, fmt, q, s)
 
 
+def test_launch_key_separates_constexprs_and_alignment():
+    """Direct launches reuse a compiled kernel by this key: any integer (a constexpr like BLOCK_K
+    or a runtime M) that differs must give another key, and so must a tensor's dtype or 16-byte
+    alignment; equal arguments give equal keys."""
+    from diffquant.quantization.kernels.triton_launch import spec_key
+
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    assert spec_key((x, 96, 256, True)) == spec_key((x.clone(), 96, 256, True))
+    assert spec_key((x, 96, 256, True)) != spec_key((x, 96, 512, True))  # both multiples of 16
+    assert spec_key((x, 96, 256, True)) != spec_key((x, 112, 256, True))
+    assert spec_key((x, 96)) != spec_key((x[1:], 96))  # 2-byte offset: not 16-byte aligned
+    assert spec_key((x, 96)) != spec_key((x.float(), 96))
+    assert spec_key((x, 1.0, None)) != spec_key((x, 2.0, None))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_repeated_launches_stay_exact(fmt, rng):
@@ -202,9 +217,13 @@ def test_repeated_launches_stay_exact(fmt, rng):
     wq, ws = REF[fmt](w)
     b = torch.randn(256, generator=rng).to(torch.bfloat16).cuda()
     for _ in range(4):
+        # row widths whose BLOCK_K constexprs (256, 512, 4096) are all multiples of 16: a launch key
+        # that treated them like runtime integers ran one width's kernel for another (run 9b)
+        for k in (160, 512, 3072):
+            x = _rows(96, k, rng, torch.bfloat16, "cuda")
+            q, s = triton_quant.quantize_per_token(x, fmt)
+            _check_bit_exact(x, fmt, q, s)
         x = _rows(96, 512, rng, torch.bfloat16, "cuda")
-        q, s = triton_quant.quantize_per_token(x, fmt)
-        _check_bit_exact(x, fmt, q, s)
         xn = (torch.randn(96, 512, generator=rng) * 2).to(torch.bfloat16).cuda()
         xq, xs = REF[fmt](xn)
         _check_budget(triton_gemm.w8a8_scaled_mm(xq, xs, wq, ws, b), xq, xs, wq, ws, b)

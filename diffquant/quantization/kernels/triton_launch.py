@@ -11,14 +11,13 @@ The cache key reproduces Triton's specialization rules for the arguments: tensor
 16-byte alignment, integers by ==1, divisibility by 16 and int32 range; constexprs by value.
 Under Triton's interpreter (TRITON_INTERPRET=1) nothing is cached and every launch is plain.
 
-OFF by default (opt in with DIFFQUANT_TRITON_DIRECT_LAUNCH=1). On the H200 (run 3,
-benchmarks/NOTES.md) this path gave correct outputs for the 1-row quantize kernel and the GEMM
-(bench_linear results after ~160 direct launches equal run 2's), but two GPU tests that launched
-the 2-, 4- and 8-rows-per-program quantize kernels returned wrong values. The argument list is
-exactly what `JITFunction.run` passes in Triton 3.6, and an 8-row kernel launched through Triton
-passed once, so the cause (this path, or a race in those layouts) is not settled. The quantize
-kernel no longer uses those layouts; turn this on by default once the GPU tests pass with it
-(it takes FLUX int8 eager from 210 to 166 ms).
+On by default since session 9. History: off since run 3, where GPU tests of the 2-, 4- and
+8-rows-per-program quantize kernels returned wrong values with it; run 9b
+(DIFFQUANT_TRITON_DIRECT_LAUNCH=1) failed the same way on the 1-row kernel after other tests had
+run other row widths. The cause was this key: integers were keyed by divisibility like Triton's
+runtime arguments, so two BLOCK_K / ROWS constexprs that are both multiples of 16 shared one
+compiled kernel. Integers are now keyed by value. The environment variable
+DIFFQUANT_TRITON_DIRECT_LAUNCH=0/1 overrides the default (ENABLED below).
 """
 
 from __future__ import annotations
@@ -29,25 +28,19 @@ from typing import Any
 
 import torch
 
-_INT32 = 2**31
-
 
 def spec_key(args: Sequence[Any]) -> tuple:
-    """What Triton specializes a compiled kernel on, for these positional arguments."""
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool) or a is None or isinstance(a, float):
-            key.append(a)
-        elif isinstance(a, int):
-            key.append((a == 1, a % 16 == 0, -_INT32 <= a < _INT32))
-        else:
-            key.append(a)
-    return tuple(key)
+    """A key that determines Triton's specialization of a kernel for these positional arguments:
+    tensors by dtype and 16-byte alignment, every other argument by value. Integers go in by value
+    because this key cannot tell a constexpr (BLOCK, ROWS: part of the compiled kernel) from a
+    runtime integer (M, strides: Triton specializes those on ==1 and divisibility by 16 only);
+    keying both by divisibility made kernels compiled for one BLOCK_K run for another (run 9b:
+    wrong codes). A new integer value costs one ordinary launch through Triton (no recompile:
+    Triton's own cache answers), later launches with it are direct."""
+    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-ENABLED = os.environ.get("DIFFQUANT_TRITON_DIRECT_LAUNCH", "0") == "1"
+ENABLED = os.environ.get("DIFFQUANT_TRITON_DIRECT_LAUNCH", "1") == "1"
 
 
 class LaunchCache:
