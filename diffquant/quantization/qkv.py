@@ -92,9 +92,11 @@ def fuse_qkv_projections(module: nn.Module, required: bool = False) -> list[Fusi
     required=True (the user asked for it explicitly): ValueError if nothing could be fused."""
     reports = []
     for name, m in list(module.named_modules()):
-        if not callable(getattr(m, "fuse_projections", None)) or getattr(m, "fused_projections", False):
-            continue  # not a diffusers attention module, or already fused
-        if not getattr(m, "_supports_qkv_fusion", True):
+        if not callable(getattr(m, "fuse_projections", None)):
+            continue  # not a diffusers attention module
+        if getattr(m, "fused_projections", False):
+            why = "already fused before quantization (diffusers' fuse_qkv_projections: its parts stay beside it)"
+        elif not getattr(m, "_supports_qkv_fusion", True):
             why = f"{type(m).__name__} has no separate q/k/v projections to fuse"
         elif type(m).__name__ not in SUPPORTED:
             why = f"{type(m).__name__}'s processor does not read fused projections (supported: {', '.join(SUPPORTED)})"

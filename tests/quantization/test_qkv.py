@@ -136,6 +136,17 @@ def test_required_fusion_of_a_model_without_attention_raises():
     assert quantize_(torch.nn.Sequential(torch.nn.Linear(8, 8)), "int8").projections == []
 
 
+def test_model_fused_by_diffusers_first_is_reported():
+    model = tiny_flux(seed=7)
+    model.fuse_qkv_projections()  # diffusers' own: to_qkv next to to_q / to_k / to_v
+    report = quantize_(model, "fp8")
+    assert report.projections and not any(r.fused for r in report.projections)
+    assert all("already fused before quantization" in r.reason for r in report.projections)
+    assert isinstance(model.transformer_blocks[0].attn.to_qkv, QuantLinear)
+    with torch.no_grad():
+        assert torch.isfinite(model(**flux_inputs(model))[0]).all()
+
+
 def test_fuse_qkv_config_values():
     assert build_quant_config("fp8").fuse_qkv is None
     assert build_quant_config({"method": "int8", "fuse_qkv": False}).fuse_qkv is False
