@@ -91,9 +91,11 @@ def fuse_qkv_projections(module: nn.Module, required: bool = False) -> list[Fusi
     (after quantization). Returns one report per attention module that has projections, fused or not.
     required=True (the user asked for it explicitly): ValueError if nothing could be fused."""
     reports = []
-    for name, m in list(module.named_modules()):
-        if not callable(getattr(m, "fuse_projections", None)):
-            continue  # not a diffusers attention module
+    # names, not modules: a list of modules would keep every replaced part alive until the end
+    # (FLUX.1-dev: 2.15 GB of fp8 q/k/v weights above the final footprint, run 9d)
+    names = [n for n, m in module.named_modules() if callable(getattr(m, "fuse_projections", None))]
+    for name in names:
+        m = module.get_submodule(name)
         if getattr(m, "fused_projections", False):
             why = "already fused before quantization (diffusers' fuse_qkv_projections: its parts stay beside it)"
         elif not getattr(m, "_supports_qkv_fusion", True):
