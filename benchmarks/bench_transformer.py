@@ -39,6 +39,7 @@ from diffquant.quantization import quantize_  # noqa: E402
 from diffquant.quantization.attention import use_fp8_attention  # noqa: E402
 from diffquant.quantization.kernels import triton_launch, triton_ops  # noqa: E402
 from diffquant.quantization.patterns import LayerMatcher  # noqa: E402
+from diffquant.quantization.qk_rope import fuse_qk_norm_rope  # noqa: E402
 
 GB = 1e9
 _DEFAULT_FAST_ACCUM = triton_ops.FP8_FAST_ACCUM
@@ -360,10 +361,11 @@ def _knobs(variant: str) -> str:
     for q/k/v, the parts kept beside it; --fuse-qkv does it for every variant: for torchao and bf16,
     since diffquant's fp8 / int8 fuse quantized q/k/v by default, quantization/qkv.py); "+noqkv":
     diffquant's quantize_ with fuse_qkv=False; "+nodl": our compiled Triton kernels launched through
-    Triton's own launch path in eager mode (triton_launch.ENABLED off; direct launches are the default)."""
+    Triton's own launch path in eager mode (triton_launch.ENABLED off; direct launches are the default);
+    "+qknr": FLUX.1's q/k RMSNorm + RoPE through the fused op (quantization/qk_rope.py, opt-in)."""
     name, *opts = variant.split("+")
     valid = ("fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "tmaauto", "whole", "ro", "fa8", "qkv",
-             "noqkv", "nodl")
+             "noqkv", "nodl", "qknr")
     unknown = set(opts) - set(valid)
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; valid: " + ", ".join("+" + o for o in valid))
@@ -436,12 +438,16 @@ def _run_variant(base, spec, variant, compiled, captured, inputs, reps) -> dict:
     _free_memory()
     mem0 = torch.cuda.memory_allocated()
     row = dict(variant=variant, mode=_mode(variant, compiled))
-    fuse_qkv = "qkv" in variant.split("+")[1:]
-    model = base if variant.partition("+")[0] == "bf16" and not fuse_qkv else copy.deepcopy(base)
+    opts = variant.split("+")[1:]
+    fuse_qkv = "qkv" in opts
+    model = base if variant.partition("+")[0] == "bf16" and not (fuse_qkv or "qknr" in opts) else copy.deepcopy(base)
     if fuse_qkv:
         model.fuse_qkv_projections()
     t0 = time.perf_counter()
     row["quantization"] = _quantize_variant(model, _knobs(variant), spec["keep"])
+    if "qknr" in opts:
+        fused = sum(r.fused for r in fuse_qk_norm_rope(model))
+        row["quantization"] += f"; fused q/k RMSNorm + RoPE in {fused} attention modules"
     with _attention_for(model, variant) as attention:
         torch.cuda.synchronize()
         row["quantize_s"] = time.perf_counter() - t0
@@ -620,8 +626,13 @@ def kernel_categories(events) -> str:
 def profile_variant(base, spec, variant, inputs, compiled: bool = False) -> str:
     """Top CUDA kernels of one forward (after a warm-up forward, which also compiles)."""
     _free_memory()
-    model = base if variant.partition("+")[0] == "bf16" else copy.deepcopy(base)
+    opts = variant.split("+")[1:]
+    if "qkv" in opts:
+        raise ValueError(f"{variant}: +qkv is not profiled this way; use --profile-timed")
+    model = base if variant.partition("+")[0] == "bf16" and "qknr" not in opts else copy.deepcopy(base)
     _quantize_variant(model, _knobs(variant), spec["keep"])
+    if "qknr" in opts:
+        fuse_qk_norm_rope(model)
     restore = _compile_for(model, spec, variant, compiled)
     from torch.profiler import ProfilerActivity, profile
 

@@ -115,6 +115,7 @@ def test_variant_options_parse():
     assert bench._mode("fp8+whole", True) == "compiled (whole model)"
     assert bench._mode("bf16+ro", True) == "compiled (whole model, reduce-overhead)"
     assert bench._knobs("fp8+ro") == "fp8" and bench._knobs("fp8+fa8+graph") == "fp8"
+    assert bench._knobs("fp8+qknr+graph") == "fp8"
     with pytest.raises(ValueError, match=r"variant options \['grpah'\] unknown"):
         bench._knobs("fp8+grpah")
     with pytest.raises(ValueError, match=r"fp8\+ro\+graph: \+ro is whole-model compile"):
