@@ -7,8 +7,8 @@ CPU-bound. The first launch for a specialization goes through Triton as usual (c
 autotune); later ones call the compiled kernel's C launcher directly (`CompiledKernel.run`, the
 same call `JITFunction.run` ends in).
 
-The cache key reproduces Triton's specialization rules for the arguments: tensors by dtype and
-16-byte alignment, integers by ==1, divisibility by 16 and int32 range; constexprs by value.
+The cache key determines Triton's specialization of the arguments: tensors by dtype and 16-byte
+alignment, every other argument by value (`spec_key`).
 Under Triton's interpreter (TRITON_INTERPRET=1) nothing is cached and every launch is plain.
 
 On by default since session 9. History: off since run 3, where GPU tests of the 2-, 4- and
