@@ -40,8 +40,10 @@ def _mib(n: int) -> str:
 
 
 def _fused(r: QuantizeReport) -> str:
-    fused = sum(f.fused for f in getattr(r, "fusions", ()))
-    return f" ({fused} GELUs fused)" if fused else ""
+    gelus = sum(f.fused for f in getattr(r, "fusions", ()))
+    qkv = sum(f.fused for f in getattr(r, "projections", ()))
+    parts = ([f"{gelus} GELUs fused"] if gelus else []) + ([f"q/k/v fused in {qkv} attention modules"] if qkv else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def quantization_summary(reports: dict[str, QuantizeReport]) -> str:

@@ -207,3 +207,13 @@ def test_fused_projections_on_gpu_match_the_parts(method):
             torch.compiler.cudagraph_mark_step_begin()
             got = compiled(**inputs)[0].clone()
     assert _sqnr_db(got, ref) > 30, _sqnr_db(got, ref)
+
+
+def test_cli_summary_counts_fused_projections():
+    from diffquant.engine.output import quantization_summary
+
+    report = quantize_(tiny_flux(seed=13), "fp8")
+    line = quantization_summary({"transformer": report})
+    assert "(6 GELUs fused, q/k/v fused in 4 attention modules)" in line, line
+    plain = quantize_(tiny_flux(seed=13), {"method": "fp8", "fuse_qkv": False, "fuse_activations": False})
+    assert "fused" not in quantization_summary({"transformer": plain})
