@@ -81,7 +81,16 @@ def _processor_class() -> type:
             img = attn.to_out[1](attn.to_out[0](img.contiguous()))
             return img, attn.to_add_out(txt.contiguous())
 
+    # pickle finds it as diffquant.quantization.qk_rope.FusedQKNormRopeFluxProcessor (__getattr__ below)
+    FusedQKNormRopeFluxProcessor.__module__ = __name__
+    FusedQKNormRopeFluxProcessor.__qualname__ = "FusedQKNormRopeFluxProcessor"
     return FusedQKNormRopeFluxProcessor
+
+
+def __getattr__(name: str):
+    if name == "FusedQKNormRopeFluxProcessor":
+        return _processor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _why_not(attn) -> str | None:

@@ -38,6 +38,20 @@ def test_fused_flux_equals_diffusers_processor_cpu(quantization):
         torch.testing.assert_close(fused(**inputs)[0], plain(**inputs)[0], rtol=0, atol=0)
 
 
+def test_fused_model_pickles():
+    import io
+
+    fused, plain, _ = _pair("fp8")
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded.single_transformer_blocks[0].attn.processor).__name__ == "FusedQKNormRopeFluxProcessor"
+    inputs = flux_inputs(fused)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs)[0], plain(**inputs)[0], rtol=0, atol=0)
+
+
 def test_unsupported_modules_are_reported_and_left_alone():
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
