@@ -62,10 +62,10 @@ def _processor_class() -> type:
             if image_rotary_emb is None:
                 return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
             q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-            qs, ks, wq, wk, vs = [q], [k], [attn.norm_q.weight], [attn.norm_k.weight], [v]
-            if attn.added_kv_proj_dim is not None:
-                qs.insert(0, eq), ks.insert(0, ek), vs.insert(0, ev)
-                wq.insert(0, attn.norm_added_q.weight), wk.insert(0, attn.norm_added_k.weight)
+            qs, ks, vs, wq, wk = [q], [k], [v], [attn.norm_q.weight], [attn.norm_k.weight]
+            if attn.added_kv_proj_dim is not None:  # text tokens first, as diffusers concatenates them
+                qs, ks, vs = [eq, q], [ek, k], [ev, v]
+                wq, wk = [attn.norm_added_q.weight, *wq], [attn.norm_added_k.weight, *wk]
             cos, sin = image_rotary_emb
             eps, hd = attn.norm_q.eps, attn.head_dim
             query = torch.ops.diffquant.rms_norm_rope(qs, wq, cos, sin, eps, hd)
@@ -110,6 +110,8 @@ def fuse_qk_norm_rope(model: torch.nn.Module) -> list[FusionReport]:
     """Give every FLUX.1 attention module of `model` the fused processor; one report per module."""
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
+    from diffquant.quantization.kernels.triton_ops import triton_available
+
     reports = []
     for name, m in model.named_modules():
         if type(m) is not FluxAttention:
@@ -117,8 +119,10 @@ def fuse_qk_norm_rope(model: torch.nn.Module) -> list[FusionReport]:
         why = _why_not(m)
         if why is None:
             m.set_processor(_processor_class()())
+            how = ("Triton kernel" if m.norm_q.weight.is_cuda and triton_available()
+                   else "torch ops (the spec: not on CUDA, or no triton)")
             reports.append(FusionReport(name, name, "qk_norm_rope", True,
-                                        "q/k RMSNorm + concatenation + RoPE in one op"))
+                                        f"q/k RMSNorm + concatenation + RoPE in one op: {how}"))
         else:
             reports.append(FusionReport(name, "", "qk_norm_rope", False, why))
     return reports

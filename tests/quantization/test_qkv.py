@@ -13,17 +13,13 @@ import torch
 from diffquant.demo import flux_inputs, tiny_flux
 from diffquant.quantization import QuantLinear, quantize_
 from diffquant.quantization.config import build_quant_config
+from diffquant.quantization.metrics import sqnr_db
 from tests.conftest import require_cuda
 from tests.engine.test_models import TINY
 
 
 def _buffer_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.buffers(), *model.parameters()])
-
-
-def _sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref, err = ref.double(), (out.double() - ref.double())
-    return float(10 * torch.log10(ref.pow(2).sum() / err.pow(2).sum().clamp_min(1e-300)))
 
 
 def _pair(model: torch.nn.Module, method: str, **extra):
@@ -61,7 +57,7 @@ def test_flux_fused_projections_compute_the_parts(method):
     inputs = flux_inputs(fused, tokens=49, text=7)
     with torch.no_grad():
         out, ref = fused(**inputs)[0], plain(**inputs)[0]
-    assert _sqnr_db(out, ref) > 60, _sqnr_db(out, ref)  # the same products; only summation order may differ
+    assert sqnr_db(ref, out) > 60, sqnr_db(ref, out)  # the same products; only summation order may differ
 
 
 def _tiny_wan(**overrides):
@@ -87,7 +83,7 @@ def test_wan_self_and_cross_attention():
     inputs = _wan_inputs(fused)
     with torch.no_grad():
         out, ref = fused(**inputs)[0], plain(**inputs)[0]
-    assert _sqnr_db(out, ref) > 60
+    assert sqnr_db(ref, out) > 60
 
 
 def test_wan_image_conditioning_attention_stays_unfused_and_says_why():
@@ -98,7 +94,7 @@ def test_wan_image_conditioning_attention_stays_unfused_and_says_why():
     assert isinstance(fused.blocks[0].attn2.to_k, QuantLinear) and not fused.blocks[0].attn2.fused_projections
     inputs = _wan_inputs(fused, text=512 + 3)  # the processor takes all but the last 512 tokens as image tokens
     with torch.no_grad():
-        assert _sqnr_db(fused(**inputs)[0], plain(**inputs)[0]) > 60
+        assert sqnr_db(plain(**inputs)[0], fused(**inputs)[0]) > 60
 
 
 def test_a_kept_part_leaves_its_module_unfused():
@@ -115,7 +111,7 @@ def test_a_kept_part_leaves_its_module_unfused():
     assert all(by_name[n].fused for n in by_name if n != "transformer_blocks.0.attn")
     inputs = flux_inputs(model)
     with torch.no_grad():
-        assert _sqnr_db(model(**inputs)[0], plain(**inputs)[0]) > 60
+        assert sqnr_db(plain(**inputs)[0], model(**inputs)[0]) > 60
 
 
 def test_unsupported_attention_is_reported_and_required_fusion_raises():
@@ -185,7 +181,7 @@ def test_fused_flux_compiles_fullgraph_cpu():
         ref = model(**inputs)[0]
         torch._dynamo.reset()
         out = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)[0]
-    assert _sqnr_db(out, ref) > 60
+    assert sqnr_db(ref, out) > 60
 
 
 @pytest.mark.gpu
@@ -200,13 +196,13 @@ def test_fused_projections_on_gpu_match_the_parts(method):
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs(fused, tokens=81).items()}
     with torch.no_grad():
         out, ref = fused(**inputs)[0], plain(**inputs)[0]
-        assert _sqnr_db(out, ref) > 40, _sqnr_db(out, ref)
+        assert sqnr_db(ref, out) > 40, sqnr_db(ref, out)
         torch._dynamo.reset()
         compiled = torch.compile(fused, fullgraph=True, mode="reduce-overhead")
         for _ in range(3):  # record, then replay
             torch.compiler.cudagraph_mark_step_begin()
             got = compiled(**inputs)[0].clone()
-    assert _sqnr_db(got, ref) > 30, _sqnr_db(got, ref)
+    assert sqnr_db(ref, got) > 30, sqnr_db(ref, got)
 
 
 def test_cli_summary_counts_fused_projections():
