@@ -185,8 +185,10 @@ def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...
         backends = sorted({layer.backend for layer in report.quantized})
         fused = sum(f.fused for f in report.fusions)
         qkv = sum(f.fused for f in report.projections)
+        rope = sum(f.fused for f in report.attention)
         return (f"diffquant {method}: {len(report.quantized)} layers on {','.join(backends)}, {len(report.kept)} kept, "
-                f"{fused} activations fused, q/k/v fused in {qkv} attention modules")
+                f"{fused} activations fused, q/k/v fused in {qkv} attention modules, "
+                f"q/k RMSNorm + RoPE fused in {rope}")
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int8DynamicActivationInt8WeightConfig,
@@ -362,18 +364,23 @@ def _knobs(variant: str) -> str:
     since diffquant's fp8 / int8 fuse quantized q/k/v by default, quantization/qkv.py); "+noqkv":
     diffquant's quantize_ with fuse_qkv=False; "+nodl": our compiled Triton kernels launched through
     Triton's own launch path in eager mode (triton_launch.ENABLED off; direct launches are the default);
-    "+qknr": FLUX.1's q/k RMSNorm + RoPE through the fused op (quantization/qk_rope.py, opt-in)."""
+    "+qknr": FLUX.1's q/k RMSNorm + RoPE through the fused op (quantization/qk_rope.py) for bf16 and
+    torchao variants (diffquant's fp8 / int8 fuse it by default); "+noqknr": quantize_ with
+    fuse_qk_norm_rope=False."""
     name, *opts = variant.split("+")
     valid = ("fa", "nofa", "wide", "cdt", "nofuse", "graph", "classic", "tmaauto", "whole", "ro", "fa8", "qkv",
-             "noqkv", "nodl", "qknr")
+             "noqkv", "nodl", "qknr", "noqknr")
     unknown = set(opts) - set(valid)
     if unknown:
         raise ValueError(f"variant options {sorted(unknown)} unknown; valid: " + ", ".join("+" + o for o in valid))
+    if "qknr" in opts and name.partition("-")[0] in ("fp8", "int8"):
+        raise ValueError(f"{variant}: diffquant's {name} fuses q/k RMSNorm + RoPE by default; +noqknr turns it off")
     if "ro" in opts and ("graph" in opts or "whole" in opts):
         raise ValueError(f"{variant}: +ro is whole-model compile with CUDA-graph trees; it takes no +graph or +whole")
     triton_ops.COMPILED_INT8_KERNEL = ("classic" if "classic" in opts else "auto" if "tmaauto" in opts
                                       else _DEFAULT_INT8_KERNEL)
-    _QUANT_EXTRA.update(fuse_activations="nofuse" not in opts, fuse_qkv=False if "noqkv" in opts else None)
+    _QUANT_EXTRA.update(fuse_activations="nofuse" not in opts, fuse_qkv=False if "noqkv" in opts else None,
+                        fuse_qk_norm_rope=False if "noqknr" in opts else None)
     triton_launch.ENABLED = False if "nodl" in opts else _DEFAULT_DIRECT_LAUNCH
     triton_ops.FP8_FAST_ACCUM = True if "fa" in opts else False if "nofa" in opts else _DEFAULT_FAST_ACCUM
     suffix = name.rpartition("-")[2]

@@ -42,7 +42,9 @@ def _mib(n: int) -> str:
 def _fused(r: QuantizeReport) -> str:
     gelus = sum(f.fused for f in getattr(r, "fusions", ()))
     qkv = sum(f.fused for f in getattr(r, "projections", ()))
+    rope = sum(f.fused for f in getattr(r, "attention", ()))
     parts = ([f"{gelus} GELUs fused"] if gelus else []) + ([f"q/k/v fused in {qkv} attention modules"] if qkv else [])
+    parts += [f"q/k norm + RoPE fused in {rope}"] if rope else []
     return f" ({', '.join(parts)})" if parts else ""
 
 

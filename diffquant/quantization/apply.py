@@ -12,6 +12,7 @@ from diffquant.quantization.fusion import fuse_activations
 from diffquant.quantization.kernels import LinearScheme
 from diffquant.quantization.layers import QuantLinear
 from diffquant.quantization.patterns import LayerMatcher, check_all_match
+from diffquant.quantization.qk_rope import fuse_qk_norm_rope
 from diffquant.quantization.qkv import fuse_qkv_projections
 from diffquant.quantization.report import LayerReport, QuantizeReport
 
@@ -61,7 +62,9 @@ def quantize_(
 
     config: anything `build_quant_config` accepts for a single method (fp8 / int8: fuse_activations,
     default on, also moves GELUs feeding a quantized linear into its quantization kernel: fusion.py;
-    fuse_qkv, default "where supported", makes one GEMM of each attention's q/k/v: qkv.py).
+    fuse_qkv, default "where supported", makes one GEMM of each attention's q/k/v: qkv.py;
+    fuse_qk_norm_rope, default "where supported", runs FLUX.1 attention's q/k RMSNorm + RoPE as one
+    op: qk_rope.py).
     keep_high_precision:
     patterns (architecture profiles feed them) for layers that stay high precision by default;
     unlike ignored_layers, a keep pattern that matches nothing is not an error. device: if given,
@@ -92,6 +95,9 @@ def quantize_(
     fuse_qkv = getattr(cfg, "fuse_qkv", False)
     if fuse_qkv is not False:
         report.projections = fuse_qkv_projections(module, required=fuse_qkv is True)
+    qk_rope = getattr(cfg, "fuse_qk_norm_rope", False)
+    if qk_rope is not False:
+        report.attention = fuse_qk_norm_rope(module, required=qk_rope is True)
     return report
 
 

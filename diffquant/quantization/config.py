@@ -134,6 +134,9 @@ class Fp8Config(QuantizationConfig):
     # One GEMM for the quantized q/k/v projections of attention modules whose diffusers processor
     # supports it (quantization/qkv.py): None = wherever supported, True = required, False = never.
     fuse_qkv: bool | None = field(default=None, metadata=_choices(None, True, False))
+    # FLUX.1 attention's q/k RMSNorm + token concatenation + RoPE as one op (quantization/qk_rope.py):
+    # None = wherever the module matches what the op computes, True = required, False = never.
+    fuse_qk_norm_rope: bool | None = field(default=None, metadata=_choices(None, True, False))
 
     def validate(self) -> None:
         static = self.activation_scheme == "static"
@@ -177,6 +180,7 @@ class Int8Config(QuantizationConfig):
     backend: str = field(default="auto", metadata=_choices("auto", *METHOD_BACKENDS["int8"]))
     fuse_activations: bool = field(default=True, metadata={"type": bool})  # as Fp8Config's
     fuse_qkv: bool | None = field(default=None, metadata=_choices(None, True, False))  # as Fp8Config's
+    fuse_qk_norm_rope: bool | None = field(default=None, metadata=_choices(None, True, False))  # as Fp8Config's
 
     def validate(self) -> None:
         if self.activation_scheme == "static":

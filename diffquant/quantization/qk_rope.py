@@ -1,4 +1,4 @@
-"""Fused q/k RMSNorm + rotary embedding for FLUX.1 attention (opt-in prototype: not yet run on a GPU).
+"""Fused q/k RMSNorm + rotary embedding for FLUX.1 attention (config `fuse_qk_norm_rope`, default on).
 
 Between the q/k projections and attention, diffusers' FluxAttnProcessor normalizes every head
 (torch.nn.RMSNorm), concatenates text and image tokens and applies the rotary embedding. Under
@@ -6,7 +6,12 @@ torch.compile inductor makes two to three memory-bound kernels of that per tenso
 a call in FLUX.1's single blocks, ~164 us in its double blocks, ~5 ms a 1024^2 forward);
 `diffquant::rms_norm_rope` does it in one read and one write (kernels/triton_rope.py; spec:
 numerics/rope.py). `fuse_qk_norm_rope(model)` swaps the processor of every FLUX.1 attention module
-whose norms and processor are the ones this op reproduces, and reports each module.
+whose norms and processor are the ones this op reproduces, and reports each module. quantize_ calls
+it (fp8 / int8 configs' fuse_qk_norm_rope: None = where supported, True = required, False = never).
+
+Measured on the H200 (benchmarks/NOTES.md run 10a, FLUX.1-dev 1024^2, fp8): 18.5 us a call (~3 TB/s)
+where inductor's kernels took 118-164; a forward in a CUDA graph 92.9 -> 89.8 ms; eager 141.2 ->
+101.7 ms (diffusers' eager RMSNorm and float32 rotation are ~20 kernels a module).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch
 
 from diffquant.quantization.fusion import FusionReport
 from diffquant.quantization.numerics.rope import rms_norm_rope_ref
+
+dispatch_attention_fn = None  # diffusers' function, set when the processor class is first built
 
 
 @torch.library.custom_op("diffquant::rms_norm_rope", mutates_args=())
@@ -51,8 +58,12 @@ def _norm_eps(attn, names: tuple[str, ...]) -> float | str:
 
 @functools.cache
 def _processor_class() -> type:
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.attention_dispatch import dispatch_attention_fn as dispatch
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+
+    # A module global, not a closure variable: FP8 attention (quantization/attention.py) rebinds the
+    # name `dispatch_attention_fn` in a copy of __call__'s globals, as it does for diffusers' processors.
+    globals()["dispatch_attention_fn"] = dispatch
 
     class FusedQKNormRopeFluxProcessor(FluxAttnProcessor):
         """diffusers 0.42's FluxAttnProcessor with q/k norm + concatenation + rotation in one op."""
@@ -106,8 +117,9 @@ def _why_not(attn) -> str | None:
     return eps if isinstance(eps, str) else None
 
 
-def fuse_qk_norm_rope(model: torch.nn.Module) -> list[FusionReport]:
-    """Give every FLUX.1 attention module of `model` the fused processor; one report per module."""
+def fuse_qk_norm_rope(model: torch.nn.Module, required: bool = False) -> list[FusionReport]:
+    """Give every FLUX.1 attention module of `model` the fused processor; one report per module.
+    required: raise ValueError when no module can take it (the reasons listed)."""
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
     from diffquant.quantization.kernels.triton_ops import triton_available
@@ -125,4 +137,8 @@ def fuse_qk_norm_rope(model: torch.nn.Module) -> list[FusionReport]:
                                         f"q/k RMSNorm + concatenation + RoPE in one op: {how}"))
         else:
             reports.append(FusionReport(name, "", "qk_norm_rope", False, why))
+    if required and not any(r.fused for r in reports):
+        why = "; ".join(f"{r.name}: {r.reason}" for r in reports[:3]) or "it has no FluxAttention module"
+        raise ValueError(f"fuse_qk_norm_rope=True: no attention module of {type(model).__name__} can run the fused "
+                         f"q/k RMSNorm + RoPE op (FLUX.1's FluxAttention with FluxAttnProcessor only): {why}")
     return reports

@@ -27,6 +27,7 @@ class QuantizeReport:
     layers: list[LayerReport] = field(default_factory=list)
     fusions: list = field(default_factory=list)  # fusion.FusionReport per candidate pattern
     projections: list = field(default_factory=list)  # fusion.FusionReport per attention module (qkv.py)
+    attention: list = field(default_factory=list)  # fusion.FusionReport per attention module (qk_rope.py)
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -66,6 +67,9 @@ class QuantizeReport:
         if self.projections:
             fusions += (f"; q/k/v fused in {sum(f.fused for f in self.projections)} of {len(self.projections)} "
                         "attention modules")
+        if self.attention:
+            fusions += (f"; q/k RMSNorm + RoPE fused in {sum(f.fused for f in self.attention)} of "
+                        f"{len(self.attention)} attention modules")
         return (f"{self.method}: {len(self.quantized)} linear layers quantized, {len(self.kept)} kept; "
                 f"weights {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} ({ratio:.3f}x); "
                 f"backends: {backends}{fusions}")
@@ -74,7 +78,7 @@ class QuantizeReport:
         rows = [f"{'layer':<60} {'action':<9} {'backend':<16} reason"]
         for r in self.layers:
             rows.append(f"{r.name:<60} {r.action:<9} {r.backend or '-':<16} {r.reason}")
-        for f in self.fusions + self.projections:
+        for f in self.fusions + self.projections + self.attention:
             rows.append(f"{f.name:<60} {'fused' if f.fused else 'not fused':<9} {f.act:<16} {f.reason}")
         return "\n".join(rows)
 
@@ -85,4 +89,5 @@ class QuantizeReport:
         return {"method": self.method, "summary": self.summary(), "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after, "layers": [asdict(r) for r in self.layers],
                 "fusions": [asdict(f) for f in self.fusions],
-                "projections": [asdict(f) for f in self.projections]}
+                "projections": [asdict(f) for f in self.projections],
+                "attention": [asdict(f) for f in self.attention]}

@@ -106,7 +106,9 @@ def test_variant_options_parse():
     assert bench._knobs("fp8+noqkv+nodl") == "fp8" and bench._QUANT_EXTRA["fuse_qkv"] is False
     assert bench.triton_launch.ENABLED is False
     assert bench._knobs("int8+classic") == "int8" and bench.triton_ops.COMPILED_INT8_KERNEL == "classic"
-    assert bench._knobs("int8") == "int8" and bench._QUANT_EXTRA == {"fuse_activations": True, "fuse_qkv": None}
+    assert bench._knobs("int8") == "int8" and bench._QUANT_EXTRA == {"fuse_activations": True, "fuse_qkv": None,
+                                                                     "fuse_qk_norm_rope": None}
+    assert bench._knobs("fp8+noqknr") == "fp8" and bench._QUANT_EXTRA["fuse_qk_norm_rope"] is False
     assert bench.triton_launch.ENABLED is True  # the library's default
     assert bench.triton_ops.COMPILED_INT8_KERNEL == "capture"  # the library's default
     assert bench._knobs("int8+tmaauto") == "int8" and bench.triton_ops.COMPILED_INT8_KERNEL == "auto"
@@ -115,7 +117,9 @@ def test_variant_options_parse():
     assert bench._mode("fp8+whole", True) == "compiled (whole model)"
     assert bench._mode("bf16+ro", True) == "compiled (whole model, reduce-overhead)"
     assert bench._knobs("fp8+ro") == "fp8" and bench._knobs("fp8+fa8+graph") == "fp8"
-    assert bench._knobs("fp8+qknr+graph") == "fp8"
+    assert bench._knobs("bf16+qknr+graph") == "bf16" and bench._knobs("ao-fp8+qknr") == "ao-fp8"
+    with pytest.raises(ValueError, match="fuses q/k RMSNorm"):
+        bench._knobs("fp8+qknr+graph")
     with pytest.raises(ValueError, match=r"variant options \['grpah'\] unknown"):
         bench._knobs("fp8+grpah")
     with pytest.raises(ValueError, match=r"fp8\+ro\+graph: \+ro is whole-model compile"):

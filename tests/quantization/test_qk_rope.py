@@ -21,12 +21,16 @@ ATTN = ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transf
         "single_transformer_blocks.1.attn"]
 
 
-def _pair(quantization=None, device="cpu"):
-    model = tiny_flux(seed=int(torch.randint(0, 2**31 - 1, ()))).to(device)
-    if quantization:
-        quantize_(model, quantization)
+def _pair(quantization=None, device="cpu", seed=None):
+    """(fused model, plain model, reports): the same random weights; quantized models fused by quantize_'s
+    default (fuse_qk_norm_rope=None), the plain one quantized with fuse_qk_norm_rope=False."""
+    model = tiny_flux(seed=int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed).to(device)
     plain = copy.deepcopy(model)
-    return model, plain, fuse_qk_norm_rope(model)
+    if not quantization:
+        return model, plain, fuse_qk_norm_rope(model)
+    cfg = {"method": quantization} if isinstance(quantization, str) else dict(quantization)
+    quantize_(plain, {**cfg, "fuse_qk_norm_rope": False})
+    return model, plain, quantize_(model, cfg).attention
 
 
 @pytest.mark.parametrize("quantization", [None, "fp8", "int8"])
@@ -95,13 +99,24 @@ def test_op_passes_opcheck(rng):
     torch.library.opcheck(torch.ops.diffquant.rms_norm_rope.default, (parts, weights, cos, sin, 1e-6, 16))
 
 
+def _rotation_magnitude(parts, weights, cos, sin, d) -> torch.Tensor:
+    """|y_even * cos| + |y_odd * sin| per output element, y the spec's normalized (rounded) input:
+    what one ulp of difference in y can move an output by."""
+    y = torch.cat([torch.nn.functional.rms_norm(p.unflatten(-1, (-1, d)), (d,), w, 1e-6)
+                   for p, w in zip(parts, weights, strict=True)], dim=1).float()
+    y_rot = torch.stack([-y[..., 1::2], y[..., 0::2]], dim=-1).flatten(3)
+    return (y * cos[None, :, None]).abs() + (y_rot * sin[None, :, None]).abs()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,ns,heads,d", [(1, (512, 4096), 24, 128), (2, (7, 33), 3, 64), (1, (4608,), 24, 128),
                                           (1, (1,), 5, 16)])
 def test_kernel_within_budget_of_the_spec(b, ns, heads, d, dtype, rng):
-    """Budget: every element within 2 ulp of the output dtype of the spec's value (+1e-3 near zero);
-    at most 2% of the elements differ at all (rounding of nearly-tied values)."""
+    """Budget per element: 2 eps x (|ref| + the rotation's input magnitude). The kernel's float32 sum of
+    squares and rsqrt may round the normalized value y one ulp away from torch's (first run 10a: 0.0156
+    = one bf16 ulp of a y in [2, 4) where the rotated output was < 1), and the output's own rounding
+    adds one ulp of |ref|. At most 2% of the elements differ at all."""
     require_cuda()
     from diffquant.quantization.kernels import triton_rope
 
@@ -109,22 +124,62 @@ def test_kernel_within_budget_of_the_spec(b, ns, heads, d, dtype, rng):
     ref = rms_norm_rope_ref(parts, weights, cos, sin, 1e-6, d).float()
     out = triton_rope.rms_norm_rope(parts, weights, cos, sin, 1e-6, d)
     assert out.shape == (b, sum(ns), heads, d) and out.dtype == dtype
-    ulp = torch.finfo(dtype).eps
+    eps = torch.finfo(dtype).eps
+    budget = 2 * eps * (ref.abs() + _rotation_magnitude(parts, weights, cos, sin, d)) + 1e-6
     diff = (out.float() - ref).abs()
-    assert bool((diff <= 2 * ulp * ref.abs() + 1e-3).all()), diff.max().item()
+    assert bool((diff <= budget).all()), (diff - budget).max().item()
     assert float((diff > 0).float().mean()) < 0.02
 
 
 @pytest.mark.gpu
-def test_fused_flux_on_gpu_matches_and_compiles():
+@pytest.mark.parametrize("quantization", [None, {"method": "fp8", "backend": "triton"}])
+def test_fused_flux_on_gpu_as_close_to_float32_as_plain(quantization):
+    """Against the same (bf16-valued) weights and inputs in float32 without quantization, the fused model
+    (eager and compiled) must be as close as the one with diffusers' processor: SQNR within 1 dB of the
+    plain model's. (Fused vs plain directly is no fair floor: with fp8, a one-ulp change in q or k
+    moves later activations across fp8 rounding steps; run 10a measured 32.4 dB between the two.)"""
     require_cuda((8, 9))
-    fused, plain, reports = _pair({"method": "fp8", "backend": "triton"}, "cuda")
-    assert all(r.fused and "Triton kernel" in r.reason for r in reports)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    fused, plain, reports = _pair(quantization, "cuda", seed=seed)
+    assert [r.fused for r in reports] == [True] * 4 and all("Triton kernel" in r.reason for r in reports)
+    reference = torch.nn.Module.float(tiny_flux(seed=seed)).cuda()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs(fused, tokens=81).items()}
+    inputs32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with torch.no_grad():
-        ref = plain(**inputs)[0].float()
+        ref = reference(**inputs32)[0]
+        floor = sqnr_db(ref, plain(**inputs)[0].float()) - 1.0
         out = fused(**inputs)[0].float()
         torch._dynamo.reset()
         compiled = torch.compile(fused, fullgraph=True)(**inputs)[0].float()
     for got in (out, compiled):
-        assert sqnr_db(ref, got) > 35, sqnr_db(ref, got)
+        assert sqnr_db(ref, got) > floor, (sqnr_db(ref, got), floor + 1.0)
+
+
+def test_fp8_attention_routes_the_fused_processor_cpu():
+    """FP8 attention rebinds `dispatch_attention_fn` in the processors' globals: the fused processor must
+    expose it the same way, or its attention calls would silently stay in bf16."""
+    from diffquant.quantization.attention import use_fp8_attention
+
+    fused, _, reports = _pair("fp8")
+    assert all(r.fused for r in reports)
+    patch = use_fp8_attention(fused)
+    assert len(patch.processors) == len(ATTN)
+    with torch.no_grad():
+        fused(**flux_inputs(fused, tokens=16, text=4))
+    assert (patch.fp8_calls, patch.kept_calls) == (len(ATTN), 0)
+
+
+def test_required_fusion_without_flux_attention_is_an_error():
+    """fuse_qk_norm_rope: None (default) on a model without FLUX.1 attention reports nothing and goes on;
+    True raises, naming the reason; False leaves the FLUX.1 processors alone."""
+    from diffquant.testing import build_flux2_klein
+
+    klein = build_flux2_klein()["transformer"]
+    assert quantize_(copy.deepcopy(klein), "fp8").attention == []
+    with pytest.raises(ValueError, match="fuse_qk_norm_rope=True: no attention module of Flux2Transformer2DModel"):
+        quantize_(klein, {"method": "fp8", "fuse_qk_norm_rope": True})
+    flux = tiny_flux(seed=3)
+    report = quantize_(flux, {"method": "int8", "fuse_qk_norm_rope": False})
+    assert report.attention == [] and "RoPE" not in report.summary()
+    assert type(flux.transformer_blocks[0].attn.processor).__name__ == "FluxAttnProcessor"
+    assert "q/k RMSNorm + RoPE fused in 4 of 4" in quantize_(tiny_flux(seed=3), "int8").summary()

@@ -210,6 +210,7 @@ def test_cli_summary_counts_fused_projections():
 
     report = quantize_(tiny_flux(seed=13), "fp8")
     line = quantization_summary({"transformer": report})
-    assert "(6 GELUs fused, q/k/v fused in 4 attention modules)" in line, line
-    plain = quantize_(tiny_flux(seed=13), {"method": "fp8", "fuse_qkv": False, "fuse_activations": False})
+    assert "(6 GELUs fused, q/k/v fused in 4 attention modules, q/k norm + RoPE fused in 4)" in line, line
+    plain = quantize_(tiny_flux(seed=13), {"method": "fp8", "fuse_qkv": False, "fuse_activations": False,
+                                           "fuse_qk_norm_rope": False})
     assert "fused" not in quantization_summary({"transformer": plain})
