@@ -97,7 +97,7 @@ def quantize_(
         report.projections = fuse_qkv_projections(module, required=fuse_qkv is True)
     qk_rope = getattr(cfg, "fuse_qk_norm_rope", False)
     if qk_rope is not False:
-        report.attention = fuse_qk_norm_rope(module, required=qk_rope is True)
+        report.attention = fuse_qk_norm_rope(module, required=qk_rope is True, device=device)
     return report
 
 

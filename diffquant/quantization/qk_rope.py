@@ -117,12 +117,20 @@ def _why_not(attn) -> str | None:
     return eps if isinstance(eps, str) else None
 
 
-def fuse_qk_norm_rope(model: torch.nn.Module, required: bool = False) -> list[FusionReport]:
-    """Give every FLUX.1 attention module of `model` the fused processor; one report per module.
-    required: raise ValueError when no module can take it (the reasons listed)."""
-    from diffusers.models.transformers.transformer_flux import FluxAttention
-
+def _implementation(attn, device) -> str:
+    """What runs the op where the module will run: `device` if given, else where its norms are."""
     from diffquant.quantization.kernels.triton_ops import triton_available
+
+    on_cuda = torch.device(device).type == "cuda" if device is not None else attn.norm_q.weight.is_cuda
+    return "Triton kernel" if on_cuda and triton_available() else "torch ops (the spec: not on CUDA, or no triton)"
+
+
+def fuse_qk_norm_rope(model: torch.nn.Module, required: bool = False,
+                      device: torch.device | str | None = None) -> list[FusionReport]:
+    """Give every FLUX.1 attention module of `model` the fused processor; one report per module.
+    required: raise ValueError when no module can take it (the reasons listed). device: where the
+    model will run (the report names the implementation used there; default: where its norms are)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
 
     reports = []
     for name, m in model.named_modules():
@@ -131,10 +139,8 @@ def fuse_qk_norm_rope(model: torch.nn.Module, required: bool = False) -> list[Fu
         why = _why_not(m)
         if why is None:
             m.set_processor(_processor_class()())
-            how = ("Triton kernel" if m.norm_q.weight.is_cuda and triton_available()
-                   else "torch ops (the spec: not on CUDA, or no triton)")
             reports.append(FusionReport(name, name, "qk_norm_rope", True,
-                                        f"q/k RMSNorm + concatenation + RoPE in one op: {how}"))
+                                        f"q/k RMSNorm + concatenation + RoPE in one op: {_implementation(m, device)}"))
         else:
             reports.append(FusionReport(name, "", "qk_norm_rope", False, why))
     if required and not any(r.fused for r in reports):

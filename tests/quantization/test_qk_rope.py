@@ -183,3 +183,15 @@ def test_required_fusion_without_flux_attention_is_an_error():
     assert report.attention == [] and "RoPE" not in report.summary()
     assert type(flux.transformer_blocks[0].attn.processor).__name__ == "FluxAttnProcessor"
     assert "q/k RMSNorm + RoPE fused in 4 of 4" in quantize_(tiny_flux(seed=3), "int8").summary()
+
+
+def test_report_names_the_implementation_of_the_target_device(monkeypatch):
+    """The Engine quantizes layer by layer onto the device (quantize_(..., device=...)) while the norms
+    still sit on the CPU: the report names what runs on the target device, not where the norms are now."""
+    from diffquant.quantization.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_TRITON", True)  # as on a CUDA machine with triton installed
+    cpu = quantize_(tiny_flux(seed=4), "fp8").attention
+    assert all("torch ops" in r.reason for r in cpu)
+    planned = fuse_qk_norm_rope(tiny_flux(seed=4), device="cuda")
+    assert ["Triton kernel" in r.reason for r in planned] == [True] * len(ATTN)
