@@ -63,7 +63,7 @@ def quantize_(
     config: anything `build_quant_config` accepts for a single method (fp8 / int8: fuse_activations,
     default on, also moves GELUs feeding a quantized linear into its quantization kernel: fusion.py;
     fuse_qkv, default "where supported", makes one GEMM of each attention's q/k/v: qkv.py;
-    fuse_qk_norm_rope, default "where supported", runs FLUX.1 attention's q/k RMSNorm + RoPE as one
+    fuse_qk_norm_rope, default "where supported", runs FLUX attention's q/k RMSNorm + RoPE as one
     op: qk_rope.py).
     keep_high_precision:
     patterns (architecture profiles feed them) for layers that stay high precision by default;

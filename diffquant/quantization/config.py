@@ -134,7 +134,7 @@ class Fp8Config(QuantizationConfig):
     # One GEMM for the quantized q/k/v projections of attention modules whose diffusers processor
     # supports it (quantization/qkv.py): None = wherever supported, True = required, False = never.
     fuse_qkv: bool | None = field(default=None, metadata=_choices(None, True, False))
-    # FLUX.1 attention's q/k RMSNorm + token concatenation + RoPE as one op (quantization/qk_rope.py):
+    # FLUX.1 / FLUX.2 attention's q/k RMSNorm + token concatenation + RoPE as one op (quantization/qk_rope.py):
     # None = wherever the module matches what the op computes, True = required, False = never.
     fuse_qk_norm_rope: bool | None = field(default=None, metadata=_choices(None, True, False))
 

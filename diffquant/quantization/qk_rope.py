@@ -1,17 +1,19 @@
-"""Fused q/k RMSNorm + rotary embedding for FLUX.1 attention (config `fuse_qk_norm_rope`, default on).
+"""Fused q/k RMSNorm + rotary embedding for FLUX.1 and FLUX.2 attention (config `fuse_qk_norm_rope`, default on).
 
-Between the q/k projections and attention, diffusers' FluxAttnProcessor normalizes every head
-(torch.nn.RMSNorm), concatenates text and image tokens and applies the rotary embedding. Under
-torch.compile inductor makes two to three memory-bound kernels of that per tensor (run 9c: ~118 us
-a call in FLUX.1's single blocks, ~164 us in its double blocks, ~5 ms a 1024^2 forward);
-`diffquant::rms_norm_rope` does it in one read and one write (kernels/triton_rope.py; spec:
-numerics/rope.py). `fuse_qk_norm_rope(model)` swaps the processor of every FLUX.1 attention module
-whose norms and processor are the ones this op reproduces, and reports each module. quantize_ calls
-it (fp8 / int8 configs' fuse_qk_norm_rope: None = where supported, True = required, False = never).
+Between the q/k projections and attention, diffusers' FLUX processors normalize every head
+(torch.nn.RMSNorm), concatenate text and image tokens and apply the rotary embedding. Eager, that
+is ~20 kernels a module; under torch.compile inductor makes two to three memory-bound kernels of it
+per tensor (run 9c: ~118 us a call in FLUX.1's single blocks, ~164 us in its double blocks, ~5 ms a
+1024^2 forward). `diffquant::rms_norm_rope` does it in one read and one write (kernels/triton_rope.py;
+spec: numerics/rope.py). `fuse_qk_norm_rope(model)` swaps the processor of every attention module
+whose processor is one it reproduces (FLUX.1's FluxAttnProcessor, FLUX.2's Flux2AttnProcessor and
+Flux2ParallelSelfAttnProcessor) with RMSNorm q/k norms, and reports each module. quantize_ calls it
+(fp8 / int8 configs' fuse_qk_norm_rope: None = where supported, True = required, False = never).
 
-Measured on the H200 (benchmarks/NOTES.md run 10a, FLUX.1-dev 1024^2, fp8): 18.5 us a call (~3 TB/s)
-where inductor's kernels took 118-164; a forward in a CUDA graph 92.9 -> 89.8 ms; eager 141.2 ->
-101.7 ms (diffusers' eager RMSNorm and float32 rotation are ~20 kernels a module).
+Measured on the H200 (benchmarks/NOTES.md runs 10a / 10c, FLUX.1-dev 1024^2, fp8): 18.5 us a call
+(~3 TB/s) where inductor's kernels took 118-164; a forward in a CUDA graph 92.9 -> 89.8 ms; eager
+141.2 -> 101.7 ms. The FLUX.2 processors run the same op and kernel; on the CPU both equal diffusers'
+processors bit for bit (the op's CPU path is diffusers' torch ops).
 """
 
 from __future__ import annotations
@@ -56,63 +58,141 @@ def _norm_eps(attn, names: tuple[str, ...]) -> float | str:
     return eps.pop() if len(eps) == 1 else f"the norms' eps differ: {sorted(eps)}"
 
 
-@functools.cache
-def _processor_class() -> type:
-    from diffusers.models.attention_dispatch import dispatch_attention_fn as dispatch
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+def _parts(attn, q, k, v, eq, ek, ev) -> tuple[list, list, list, list, list]:
+    """Per-token parts of q, k, v and the q / k norm weights, text tokens first as diffusers concatenates."""
+    if attn.added_kv_proj_dim is None:
+        return [q], [k], [v], [attn.norm_q.weight], [attn.norm_k.weight]
+    return ([eq, q], [ek, k], [ev, v], [attn.norm_added_q.weight, attn.norm_q.weight],
+            [attn.norm_added_k.weight, attn.norm_k.weight])
 
-    # A module global, not a closure variable: FP8 attention (quantization/attention.py) rebinds the
-    # name `dispatch_attention_fn` in a copy of __call__'s globals, as it does for diffusers' processors.
-    globals()["dispatch_attention_fn"] = dispatch
 
-    class FusedQKNormRopeFluxProcessor(FluxAttnProcessor):
-        """diffusers 0.42's FluxAttnProcessor with q/k norm + concatenation + rotation in one op."""
+def _qk_rope(attn, parts: tuple, image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query, key, value) as [B, S, H, head_dim], as diffusers' FLUX processors pass them to attention."""
+    qs, ks, vs, wq, wk = parts
+    cos, sin = image_rotary_emb
+    eps, hd = attn.norm_q.eps, attn.head_dim
+    query = torch.ops.diffquant.rms_norm_rope(qs, wq, cos, sin, eps, hd)
+    key = torch.ops.diffquant.rms_norm_rope(ks, wk, cos, sin, eps, hd)
+    value = (vs[0] if len(vs) == 1 else torch.cat(vs, dim=1)).unflatten(-1, (-1, hd))
+    return query, key, value
+
+
+def _split_text(out: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n_txt = encoder_hidden_states.shape[1]
+    return out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
+
+
+# Each fused processor's __call__ calls `dispatch_attention_fn` itself, by that global name: FP8 attention
+# (quantization/attention.py) rebinds the name in a copy of __call__'s globals, as for diffusers' processors.
+
+
+def _flux_processor(base, get_qkv):
+    class FusedQKNormRopeFluxProcessor(base):
+        """diffusers 0.42's FluxAttnProcessor (FLUX.1) with q/k norm + concatenation + rotation in one op."""
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                      image_rotary_emb=None):
             if image_rotary_emb is None:
                 return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-            q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-            qs, ks, vs, wq, wk = [q], [k], [v], [attn.norm_q.weight], [attn.norm_k.weight]
-            if attn.added_kv_proj_dim is not None:  # text tokens first, as diffusers concatenates them
-                qs, ks, vs = [eq, q], [ek, k], [ev, v]
-                wq, wk = [attn.norm_added_q.weight, *wq], [attn.norm_added_k.weight, *wk]
-            cos, sin = image_rotary_emb
-            eps, hd = attn.norm_q.eps, attn.head_dim
-            query = torch.ops.diffquant.rms_norm_rope(qs, wq, cos, sin, eps, hd)
-            key = torch.ops.diffquant.rms_norm_rope(ks, wk, cos, sin, eps, hd)
-            value = (vs[0] if len(vs) == 1 else torch.cat(vs, dim=1)).unflatten(-1, (-1, hd))
+            parts = _parts(attn, *get_qkv(attn, hidden_states, encoder_hidden_states))
+            query, key, value = _qk_rope(attn, parts, image_rotary_emb)
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                         parallel_config=self._parallel_config)
             out = out.flatten(2, 3).to(query.dtype)
             if encoder_hidden_states is None:
                 return out
-            n_txt = encoder_hidden_states.shape[1]
-            txt, img = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
+            txt, img = _split_text(out, encoder_hidden_states)
             img = attn.to_out[1](attn.to_out[0](img.contiguous()))
             return img, attn.to_add_out(txt.contiguous())
 
-    # pickle finds it as diffquant.quantization.qk_rope.FusedQKNormRopeFluxProcessor (__getattr__ below)
-    FusedQKNormRopeFluxProcessor.__module__ = __name__
-    FusedQKNormRopeFluxProcessor.__qualname__ = "FusedQKNormRopeFluxProcessor"
     return FusedQKNormRopeFluxProcessor
 
 
+def _flux2_processor(base, get_qkv):
+    class FusedQKNormRopeFlux2Processor(base):
+        """diffusers 0.42's Flux2AttnProcessor (FLUX.2 double-stream blocks) with the fused op."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            if image_rotary_emb is None:
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            parts = _parts(attn, *get_qkv(attn, hidden_states, encoder_hidden_states))
+            query, key, value = _qk_rope(attn, parts, image_rotary_emb)
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
+            out = out.flatten(2, 3).to(query.dtype)
+            if encoder_hidden_states is None:
+                return attn.to_out[1](attn.to_out[0](out))
+            txt, img = _split_text(out, encoder_hidden_states)
+            txt = attn.to_add_out(txt)
+            return attn.to_out[1](attn.to_out[0](img)), txt
+
+    return FusedQKNormRopeFlux2Processor
+
+
+def _flux2_parallel_processor(base, _):
+    class FusedQKNormRopeFlux2ParallelProcessor(base):
+        """diffusers 0.42's Flux2ParallelSelfAttnProcessor (FLUX.2 single-stream blocks) with the fused op."""
+
+        def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+            if image_rotary_emb is None:
+                return super().__call__(attn, hidden_states, attention_mask, image_rotary_emb)
+            hidden_states = attn.to_qkv_mlp_proj(hidden_states)
+            qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+            local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+            qkv, mlp = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
+            q, k, v = qkv.chunk(3, dim=-1)
+            parts = [q], [k], [v], [attn.norm_q.weight], [attn.norm_k.weight]
+            query, key, value = _qk_rope(attn, parts, image_rotary_emb)
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
+            out = out.flatten(2, 3).to(query.dtype)
+            return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+    return FusedQKNormRopeFlux2ParallelProcessor
+
+
+# attention module class -> (diffusers module, the processor the fused one reproduces, its builder)
+_SUPPORTED = {
+    "FluxAttention": ("transformer_flux", "FluxAttnProcessor", _flux_processor),
+    "Flux2Attention": ("transformer_flux2", "Flux2AttnProcessor", _flux2_processor),
+    "Flux2ParallelSelfAttention": ("transformer_flux2", "Flux2ParallelSelfAttnProcessor", _flux2_parallel_processor),
+}
+
+
+@functools.cache
+def _processors() -> dict[str, tuple[type, type, type]]:
+    """attention module class name -> (module class, diffusers processor class, fused processor class)."""
+    import importlib
+
+    from diffusers.models.attention_dispatch import dispatch_attention_fn as dispatch
+
+    globals()["dispatch_attention_fn"] = dispatch
+    out = {}
+    for attn_name, (module, proc_name, build) in _SUPPORTED.items():
+        mod = importlib.import_module(f"diffusers.models.transformers.{module}")
+        base = getattr(mod, proc_name)
+        fused = build(base, getattr(mod, "_get_qkv_projections", None))
+        fused.__module__, fused.__qualname__ = __name__, fused.__name__  # pickle finds it here (__getattr__)
+        out[attn_name] = (getattr(mod, attn_name), base, fused)
+    return out
+
+
 def __getattr__(name: str):
-    if name == "FusedQKNormRopeFluxProcessor":
-        return _processor_class()
+    for _, _, fused in _processors().values():
+        if fused.__name__ == name:
+            return fused
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _why_not(attn) -> str | None:
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-    if type(attn.processor) is not FluxAttnProcessor:
-        return f"processor is {type(attn.processor).__name__}, not FluxAttnProcessor"
+def _why_not(attn, base: type) -> str | None:
+    if type(attn.processor) is not base:
+        return f"processor is {type(attn.processor).__name__}, not {base.__name__}"
     hd = attn.head_dim
     if hd < 16 or hd > 256 or hd & (hd - 1):
         return f"head_dim {hd} is not a power of two in [16, 256]"
-    names = ("norm_q", "norm_k") + (("norm_added_q", "norm_added_k") if attn.added_kv_proj_dim is not None else ())
+    added = getattr(attn, "added_kv_proj_dim", None) is not None
+    names = ("norm_q", "norm_k") + (("norm_added_q", "norm_added_k") if added else ())
     eps = _norm_eps(attn, names)
     return eps if isinstance(eps, str) else None
 
@@ -127,24 +207,24 @@ def _implementation(attn, device) -> str:
 
 def fuse_qk_norm_rope(model: torch.nn.Module, required: bool = False,
                       device: torch.device | str | None = None) -> list[FusionReport]:
-    """Give every FLUX.1 attention module of `model` the fused processor; one report per module.
+    """Give every FLUX.1 / FLUX.2 attention module of `model` the fused processor; one report per module.
     required: raise ValueError when no module can take it (the reasons listed). device: where the
     model will run (the report names the implementation used there; default: where its norms are)."""
-    from diffusers.models.transformers.transformer_flux import FluxAttention
-
+    by_class = {cls: (base, fused) for cls, base, fused in _processors().values()}
     reports = []
     for name, m in model.named_modules():
-        if type(m) is not FluxAttention:
+        if type(m) not in by_class:
             continue
-        why = _why_not(m)
+        base, fused = by_class[type(m)]
+        why = _why_not(m, base)
         if why is None:
-            m.set_processor(_processor_class()())
+            m.set_processor(fused())
             reports.append(FusionReport(name, name, "qk_norm_rope", True,
                                         f"q/k RMSNorm + concatenation + RoPE in one op: {_implementation(m, device)}"))
         else:
             reports.append(FusionReport(name, "", "qk_norm_rope", False, why))
     if required and not any(r.fused for r in reports):
-        why = "; ".join(f"{r.name}: {r.reason}" for r in reports[:3]) or "it has no FluxAttention module"
+        why = "; ".join(f"{r.name}: {r.reason}" for r in reports[:3]) or "it has no FLUX attention module"
         raise ValueError(f"fuse_qk_norm_rope=True: no attention module of {type(model).__name__} can run the fused "
-                         f"q/k RMSNorm + RoPE op (FLUX.1's FluxAttention with FluxAttnProcessor only): {why}")
+                         f"q/k RMSNorm + RoPE op (FLUX.1 / FLUX.2 attention with diffusers' processors only): {why}")
     return reports

@@ -21,10 +21,40 @@ ATTN = ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transf
         "single_transformer_blocks.1.attn"]
 
 
-def _pair(quantization=None, device="cpu", seed=None):
+ATTN2 = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"]
+FUSED2 = ["FusedQKNormRopeFlux2Processor", "FusedQKNormRopeFlux2ParallelProcessor",
+          "FusedQKNormRopeFlux2ParallelProcessor"]
+
+
+def tiny_flux2(seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """A FLUX.2 transformer (one double-stream, two single-stream blocks) with random weights."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
+    return torch.nn.Module.to(model, dtype).eval()
+
+
+def flux2_inputs(model, tokens: int = 36, text: int = 7, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    dt = next(model.parameters()).dtype
+    side, pos = int(tokens**0.5), torch.arange(tokens)
+    img_ids = torch.stack([torch.zeros(tokens), (pos // side).float(), (pos % side).float(), torch.zeros(tokens)], -1)
+    txt_ids = torch.stack([torch.zeros(text)] * 3 + [torch.arange(text).float()], -1)
+    return dict(hidden_states=torch.randn(1, tokens, model.config.in_channels, generator=g).to(dt),
+                encoder_hidden_states=torch.randn(1, text, model.config.joint_attention_dim, generator=g).to(dt),
+                timestep=torch.tensor([0.5]).to(dt), img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+
+
+MODELS = {"flux1": (tiny_flux, flux_inputs), "flux2": (tiny_flux2, flux2_inputs)}
+
+
+def _pair(quantization=None, device="cpu", seed=None, kind="flux1"):
     """(fused model, plain model, reports): the same random weights; quantized models fused by quantize_'s
     default (fuse_qk_norm_rope=None), the plain one quantized with fuse_qk_norm_rope=False."""
-    model = tiny_flux(seed=int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed).to(device)
+    model = MODELS[kind][0](seed=int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed).to(device)
     plain = copy.deepcopy(model)
     if not quantization:
         return model, plain, fuse_qk_norm_rope(model)
@@ -34,26 +64,59 @@ def _pair(quantization=None, device="cpu", seed=None):
 
 
 @pytest.mark.parametrize("quantization", [None, "fp8", "int8"])
-def test_fused_flux_equals_diffusers_processor_cpu(quantization):
+def test_fused_flux_equals_diffusers_processor_cpu(quantization, monkeypatch):
     fused, plain, reports = _pair(quantization)
     assert [(r.name, r.fused) for r in reports] == [(n, True) for n in ATTN]
     assert all("torch ops" in r.reason for r in reports)  # the implementation that runs is named
     assert type(fused.transformer_blocks[0].attn.processor).__name__ == "FusedQKNormRopeFluxProcessor"
     inputs = flux_inputs(fused, tokens=49, text=7)
+    calls = _count_op_calls(monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(fused(**inputs)[0], plain(**inputs)[0], rtol=0, atol=0)
+    assert calls == [2 * len(ATTN)]  # q and k of every module went through the op
 
 
-def test_fused_model_pickles():
+@pytest.mark.parametrize("quantization", [None, "fp8", "int8"])
+def test_fused_flux2_equals_diffusers_processors_cpu(quantization, monkeypatch):
+    """FLUX.2: double-stream blocks (Flux2AttnProcessor) and single-stream blocks (Flux2ParallelSelfAttnProcessor,
+    q/k/v strided parts of the fused qkv + MLP projection) through the same op."""
+    fused, plain, reports = _pair(quantization, kind="flux2")
+    assert [(r.name, r.fused) for r in reports] == [(n, True) for n in ATTN2]
+    assert [type(fused.get_submodule(n).processor).__name__ for n in ATTN2] == FUSED2
+    inputs = flux2_inputs(fused)
+    calls = _count_op_calls(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**inputs)[0], plain(**inputs)[0], rtol=0, atol=0)
+    assert calls == [2 * len(ATTN2)]
+
+
+def _count_op_calls(monkeypatch) -> list[int]:
+    """A one-element list counting the op's CPU (spec) calls from now on."""
+    from diffquant.quantization import qk_rope
+
+    calls, spec = [0], qk_rope.rms_norm_rope_ref
+
+    def counted(*args):
+        calls[0] += 1
+        return spec(*args)
+
+    monkeypatch.setattr(qk_rope, "rms_norm_rope_ref", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["flux1", "flux2"])
+def test_fused_model_pickles(kind):
     import io
 
-    fused, plain, _ = _pair("fp8")
+    fused, plain, reports = _pair("fp8", kind=kind)
     buf = io.BytesIO()
     torch.save(fused, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert type(loaded.single_transformer_blocks[0].attn.processor).__name__ == "FusedQKNormRopeFluxProcessor"
-    inputs = flux_inputs(fused)
+    names = [r.name for r in reports]
+    assert [type(loaded.get_submodule(n).processor) for n in names] == [type(fused.get_submodule(n).processor)
+                                                                         for n in names]
+    inputs = MODELS[kind][1](fused)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs)[0], plain(**inputs)[0], rtol=0, atol=0)
 
@@ -132,18 +195,21 @@ def test_kernel_within_budget_of_the_spec(b, ns, heads, d, dtype, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["flux1", "flux2"])
 @pytest.mark.parametrize("quantization", [None, {"method": "fp8", "backend": "triton"}])
-def test_fused_flux_on_gpu_as_close_to_float32_as_plain(quantization):
+def test_fused_flux_on_gpu_as_close_to_float32_as_plain(quantization, kind):
     """Against the same (bf16-valued) weights and inputs in float32 without quantization, the fused model
     (eager and compiled) must be as close as the one with diffusers' processor: SQNR within 1 dB of the
     plain model's. (Fused vs plain directly is no fair floor: with fp8, a one-ulp change in q or k
     moves later activations across fp8 rounding steps; run 10a measured 32.4 dB between the two.)"""
     require_cuda((8, 9))
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    fused, plain, reports = _pair(quantization, "cuda", seed=seed)
-    assert [r.fused for r in reports] == [True] * 4 and all("Triton kernel" in r.reason for r in reports)
-    reference = torch.nn.Module.float(tiny_flux(seed=seed)).cuda()
-    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs(fused, tokens=81).items()}
+    fused, plain, reports = _pair(quantization, "cuda", seed=seed, kind=kind)
+    build, make_inputs = MODELS[kind]
+    assert [r.fused for r in reports] == [True] * len(ATTN if kind == "flux1" else ATTN2)
+    assert all("Triton kernel" in r.reason for r in reports)
+    reference = torch.nn.Module.float(build(seed=seed)).cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_inputs(fused, tokens=81).items()}
     inputs32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with torch.no_grad():
         ref = reference(**inputs32)[0]
@@ -155,29 +221,31 @@ def test_fused_flux_on_gpu_as_close_to_float32_as_plain(quantization):
         assert sqnr_db(ref, got) > floor, (sqnr_db(ref, got), floor + 1.0)
 
 
-def test_fp8_attention_routes_the_fused_processor_cpu():
+@pytest.mark.parametrize("kind", ["flux1", "flux2"])
+def test_fp8_attention_routes_the_fused_processor_cpu(kind):
     """FP8 attention rebinds `dispatch_attention_fn` in the processors' globals: the fused processor must
     expose it the same way, or its attention calls would silently stay in bf16."""
     from diffquant.quantization.attention import use_fp8_attention
 
-    fused, _, reports = _pair("fp8")
-    assert all(r.fused for r in reports)
+    fused, _, reports = _pair("fp8", kind=kind)
+    assert reports and all(r.fused for r in reports)
     patch = use_fp8_attention(fused)
-    assert len(patch.processors) == len(ATTN)
+    assert len(patch.processors) == len(reports)
     with torch.no_grad():
-        fused(**flux_inputs(fused, tokens=16, text=4))
-    assert (patch.fp8_calls, patch.kept_calls) == (len(ATTN), 0)
+        fused(**MODELS[kind][1](fused, tokens=16, text=4))
+    assert (patch.fp8_calls, patch.kept_calls) == (len(reports), 0)
 
 
 def test_required_fusion_without_flux_attention_is_an_error():
     """fuse_qk_norm_rope: None (default) on a model without FLUX.1 attention reports nothing and goes on;
     True raises, naming the reason; False leaves the FLUX.1 processors alone."""
-    from diffquant.testing import build_flux2_klein
+    from diffquant.testing import build_z_image
 
-    klein = build_flux2_klein()["transformer"]
-    assert quantize_(copy.deepcopy(klein), "fp8").attention == []
-    with pytest.raises(ValueError, match="fuse_qk_norm_rope=True: no attention module of Flux2Transformer2DModel"):
-        quantize_(klein, {"method": "fp8", "fuse_qk_norm_rope": True})
+    zimage = build_z_image()["transformer"]
+    assert quantize_(copy.deepcopy(zimage), "fp8").attention == []
+    with pytest.raises(ValueError, match="fuse_qk_norm_rope=True: no attention module of ZImageTransformer2DModel "
+                                         ".*it has no FLUX attention module"):
+        quantize_(zimage, {"method": "fp8", "fuse_qk_norm_rope": True})
     flux = tiny_flux(seed=3)
     report = quantize_(flux, {"method": "int8", "fuse_qk_norm_rope": False})
     assert report.attention == [] and "RoPE" not in report.summary()
