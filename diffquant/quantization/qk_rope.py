@@ -86,48 +86,42 @@ def _split_text(out: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple
 # (quantization/attention.py) rebinds the name in a copy of __call__'s globals, as for diffusers' processors.
 
 
-def _flux_processor(base, get_qkv):
-    class FusedQKNormRopeFluxProcessor(base):
-        """diffusers 0.42's FluxAttnProcessor (FLUX.1) with q/k norm + concatenation + rotation in one op."""
-
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                     image_rotary_emb=None):
-            if image_rotary_emb is None:
-                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-            parts = _parts(attn, *get_qkv(attn, hidden_states, encoder_hidden_states))
-            query, key, value = _qk_rope(attn, parts, image_rotary_emb)
-            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
-            out = out.flatten(2, 3).to(query.dtype)
-            if encoder_hidden_states is None:
-                return out
-            txt, img = _split_text(out, encoder_hidden_states)
-            img = attn.to_out[1](attn.to_out[0](img.contiguous()))
-            return img, attn.to_add_out(txt.contiguous())
-
-    return FusedQKNormRopeFluxProcessor
+def _joint_call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    """__call__ of the fused FLUX.1 / FLUX.2 double-stream processors (the class holds _base, _get_qkv, _tail)."""
+    if image_rotary_emb is None:
+        return self._base.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+    parts = _parts(attn, *self._get_qkv(attn, hidden_states, encoder_hidden_states))
+    query, key, value = _qk_rope(attn, parts, image_rotary_emb)
+    out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                parallel_config=self._parallel_config)
+    return self._tail(attn, out.flatten(2, 3).to(query.dtype), encoder_hidden_states)
 
 
-def _flux2_processor(base, get_qkv):
-    class FusedQKNormRopeFlux2Processor(base):
-        """diffusers 0.42's Flux2AttnProcessor (FLUX.2 double-stream blocks) with the fused op."""
+def _flux1_tail(attn, out, encoder_hidden_states):
+    """FluxAttnProcessor's output projections (single blocks project outside the processor)."""
+    if encoder_hidden_states is None:
+        return out
+    txt, img = _split_text(out, encoder_hidden_states)
+    img = attn.to_out[1](attn.to_out[0](img.contiguous()))
+    return img, attn.to_add_out(txt.contiguous())
 
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                     image_rotary_emb=None):
-            if image_rotary_emb is None:
-                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-            parts = _parts(attn, *get_qkv(attn, hidden_states, encoder_hidden_states))
-            query, key, value = _qk_rope(attn, parts, image_rotary_emb)
-            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
-            out = out.flatten(2, 3).to(query.dtype)
-            if encoder_hidden_states is None:
-                return attn.to_out[1](attn.to_out[0](out))
-            txt, img = _split_text(out, encoder_hidden_states)
-            txt = attn.to_add_out(txt)
-            return attn.to_out[1](attn.to_out[0](img)), txt
 
-    return FusedQKNormRopeFlux2Processor
+def _flux2_tail(attn, out, encoder_hidden_states):
+    """Flux2AttnProcessor's output projections."""
+    if encoder_hidden_states is None:
+        return attn.to_out[1](attn.to_out[0](out))
+    txt, img = _split_text(out, encoder_hidden_states)
+    txt = attn.to_add_out(txt)
+    return attn.to_out[1](attn.to_out[0](img)), txt
+
+
+def _joint_processor(name: str, tail):
+    def build(base, get_qkv):
+        doc = f"diffusers 0.42's {base.__name__} with q/k norm + concatenation + rotation in one op."
+        return type(name, (base,), {"__call__": _joint_call, "__doc__": doc, "_base": base,
+                                    "_get_qkv": staticmethod(get_qkv), "_tail": staticmethod(tail)})
+
+    return build
 
 
 def _flux2_parallel_processor(base, _):
@@ -154,8 +148,10 @@ def _flux2_parallel_processor(base, _):
 
 # attention module class -> (diffusers module, the processor the fused one reproduces, its builder)
 _SUPPORTED = {
-    "FluxAttention": ("transformer_flux", "FluxAttnProcessor", _flux_processor),
-    "Flux2Attention": ("transformer_flux2", "Flux2AttnProcessor", _flux2_processor),
+    "FluxAttention": ("transformer_flux", "FluxAttnProcessor",
+                      _joint_processor("FusedQKNormRopeFluxProcessor", _flux1_tail)),
+    "Flux2Attention": ("transformer_flux2", "Flux2AttnProcessor",
+                       _joint_processor("FusedQKNormRopeFlux2Processor", _flux2_tail)),
     "Flux2ParallelSelfAttention": ("transformer_flux2", "Flux2ParallelSelfAttnProcessor", _flux2_parallel_processor),
 }
 
