@@ -170,7 +170,47 @@ def z_image_spec(height: int = 1024, width: int = 1024, text_tokens: int = 256, 
                 shape=f"{height}x{width}, {(h // 2) * (w // 2)} image + {text_tokens} text tokens")
 
 
-SPECS = {"flux1-dev": flux_spec, "qwen-image": qwen_image_spec, "wan2.2-a14b": wan22_spec, "z-image": z_image_spec}
+def flux2_klein_spec(height: int = 1024, width: int = 1024, text_tokens: int = 512, **overrides) -> dict:
+    """FLUX.2-klein 4B (3.88B parameters: 5 double-stream + 20 single-stream blocks, 24 heads of 128,
+    text features of three Qwen3-4B layers: 3 x 2560) at 1024^2: 4096 image tokens (16x VAE + 2x2
+    packing: 128 channels). The 9B model: --config num_layers=8 num_single_layers=24
+    num_attention_heads=32 joint_attention_dim=12288 (9.08B)."""
+    from diffusers import Flux2Transformer2DModel
+
+    cfg = dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+               guidance_embeds=False)
+    cfg.update(overrides)
+    h, w = height // 16, width // 16
+
+    def inputs(dev):
+        g = torch.Generator(device=dev).manual_seed(1)
+        bf = torch.bfloat16
+        img_ids = torch.zeros(h, w, 4, device=dev)
+        img_ids[..., 1] = torch.arange(h, device=dev)[:, None]
+        img_ids[..., 2] = torch.arange(w, device=dev)[None, :]
+        txt_ids = torch.zeros(text_tokens, 4, device=dev)
+        txt_ids[:, 3] = torch.arange(text_tokens, device=dev)
+        return dict(
+            hidden_states=torch.randn(1, h * w, cfg.get("in_channels", 128), device=dev, generator=g).to(bf),
+            encoder_hidden_states=torch.randn(1, text_tokens, cfg["joint_attention_dim"], device=dev,
+                                              generator=g).to(bf),
+            timestep=torch.tensor([0.5], device=dev, dtype=bf), img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids,
+            return_dict=False,
+        )
+
+    return dict(
+        build=lambda: Flux2Transformer2DModel(**cfg), inputs=inputs,
+        blocks=("transformer_blocks", "single_transformer_blocks"),
+        sqnr_blocks=tuple(dict.fromkeys((
+            "transformer_blocks.0", f"transformer_blocks.{cfg['num_layers'] - 1}",
+            "single_transformer_blocks.0", f"single_transformer_blocks.{cfg['num_single_layers'] - 1}"))),
+        keep=keep_patterns("flux2-klein"),
+        shape=f"{height}x{width}, {h * w} image + {text_tokens} text tokens",
+    )
+
+
+SPECS = {"flux1-dev": flux_spec, "flux2-klein": flux2_klein_spec, "qwen-image": qwen_image_spec,
+         "wan2.2-a14b": wan22_spec, "z-image": z_image_spec}
 
 
 def _quantize_variant(model: torch.nn.Module, variant: str, keep: tuple[str, ...]) -> str:

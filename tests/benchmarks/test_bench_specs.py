@@ -17,6 +17,9 @@ TINY = {
     "flux1-dev": dict(height=64, width=48, text_tokens=7, num_layers=2, num_single_layers=2, attention_head_dim=16,
                       num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
                       axes_dims_rope=(4, 6, 6)),
+    "flux2-klein": dict(height=64, width=48, text_tokens=7, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, in_channels=16,
+                        axes_dims_rope=(4, 4, 4, 4)),
     "qwen-image": dict(height=64, width=48, text_tokens=7, num_layers=2, attention_head_dim=16,
                        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
     "wan2.2-a14b": dict(frames=5, height=32, width=48, text_tokens=7, num_layers=2, num_attention_heads=2,
@@ -80,7 +83,7 @@ def test_unknown_variant_option_is_an_error():
 # GELUs the fusion pass moves into the next linear's quantization, per tiny spec: FLUX 2 double
 # blocks x (ff, ff_context) + 2 single blocks; Qwen-Image 2 blocks x (img_mlp, txt_mlp); Wan2.2
 # 2 blocks x ffn; Z-Image's SwiGLU feed-forward has no GELU.
-FUSIONS = {"flux1-dev": 6, "qwen-image": 4, "wan2.2-a14b": 2, "z-image": 0}
+FUSIONS = {"flux1-dev": 6, "flux2-klein": 0, "qwen-image": 4, "wan2.2-a14b": 2, "z-image": 0}  # GELUs (FLUX.2: SwiGLU)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
